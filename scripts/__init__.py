@@ -1,0 +1,14 @@
+"""Python code of the MPAMatch pathology segmentation bundle, imported by the configs as ``scripts``."""
+
+from pathlib import Path
+
+from .errors import ConfigError, install_excepthook
+
+install_excepthook()
+
+# The folder that holds scripts/ and models/: the repository root, or dist/<bundle_name>/ in a packed bundle.
+BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+from . import data, handlers, networks  # noqa: E402  (after the hook, so import-time errors print clearly too)
+
+__all__ = ["BUNDLE_ROOT", "ConfigError", "data", "handlers", "networks"]

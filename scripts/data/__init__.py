@@ -1,0 +1,19 @@
+"""Data: the demo data generator, datalist loading and checks, and the transforms the configs use."""
+
+from .datalist import demo_cache_dir, list_images, load_datalist
+from .synthetic import ensure_demo_dataset, generate_demo_dataset, synthesize_tile
+from .transforms import IMAGENET_MEAN_255, IMAGENET_STD_255, EnsureRGBd, PrepareLabeld, check_roi_size
+
+__all__ = [
+    "demo_cache_dir",
+    "load_datalist",
+    "list_images",
+    "ensure_demo_dataset",
+    "generate_demo_dataset",
+    "synthesize_tile",
+    "EnsureRGBd",
+    "PrepareLabeld",
+    "check_roi_size",
+    "IMAGENET_MEAN_255",
+    "IMAGENET_STD_255",
+]

@@ -1,0 +1,93 @@
+"""Dictionary transforms that make pathology images and masks fit the network, with clear errors otherwise."""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from scripts.errors import ConfigError
+
+__all__ = ["EnsureRGBd", "PrepareLabeld", "check_roi_size", "IMAGENET_MEAN_255", "IMAGENET_STD_255"]
+
+# ImageNet statistics on the 0..255 scale that LoadImage returns (UNI was trained with them).
+IMAGENET_MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGENET_STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+def _source(data: Mapping, key: Hashable) -> str:
+    meta = getattr(data[key], "meta", None) or {}
+    return str(meta.get("filename_or_obj", key))
+
+
+class EnsureRGBd(MapTransform):
+    """Makes channel-first images RGB: grey is repeated, an alpha channel dropped; anything else is refused."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            channels = img.shape[0]
+            if channels == 1:
+                d[key] = img.repeat(3, *([1] * (img.ndim - 1)))
+            elif channels == 4:
+                d[key] = img[:3]
+            elif channels != 3:
+                raise ConfigError(
+                    f"Image '{_source(d, key)}' has {channels} channels; expected RGB (3), RGBA (4) or grey (1)."
+                )
+        return d
+
+
+class PrepareLabeld(MapTransform):
+    """Turns a mask into one channel of class indices.
+
+    Binary tasks (``num_classes=2``) take any value > 0 as foreground, which fits 0/255 masks and GlaS-style
+    instance-id masks alike. With more classes the mask must already hold indices 0..num_classes-1.
+
+    Args:
+        keys: mask keys. Defaults to ``"label"``.
+        num_classes: number of classes including background. Defaults to 2.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", num_classes: int = 2, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = d[key]
+            if mask.shape[0] > 1:
+                if not torch.equal(mask.amax(0), mask.amin(0)):
+                    raise ConfigError(
+                        f"Mask '{_source(d, key)}' has {mask.shape[0]} channels that differ; save masks as one "
+                        "channel of class indices (or 0/255 for binary tasks)."
+                    )
+                mask = mask[:1]
+            if self.num_classes == 2:
+                mask = (mask > 0).to(torch.float32)
+            else:
+                if mask.min() < 0 or mask.max() >= self.num_classes or not torch.equal(mask, mask.round()):
+                    raise ConfigError(
+                        f"Mask '{_source(d, key)}' has values {sorted(torch.unique(mask).tolist())[:10]}; "
+                        f"expected class indices 0..{self.num_classes - 1}."
+                    )
+                mask = mask.to(torch.float32)
+            d[key] = mask
+        return d
+
+
+def check_roi_size(roi_size: Sequence[int], patch_size: int, key: str = "roi_size") -> list[int]:
+    """Returns ``roi_size`` as a list after checking that each side is a positive multiple of the patch size."""
+    sizes = [int(s) for s in roi_size]
+    if len(sizes) != 2 or any(s <= 0 or s % patch_size for s in sizes):
+        nearest = [max(patch_size, round(s / patch_size) * patch_size) for s in sizes]
+        raise ConfigError(
+            f"Config key '{key}' is {list(roi_size)}; each side must be a positive multiple of the encoder patch "
+            f"size {patch_size}, e.g. {nearest}."
+        )
+    return sizes
+

@@ -1,0 +1,17 @@
+"""Networks: the UNI-TransUNet segmentation model and its ViT encoder presets."""
+
+from .encoders import ENCODER_PRESETS, build_encoder, encoder_patch_size, load_encoder_weights, read_state_dict
+from .transunet import CascadedDecoder, ProjectionHead, SkipStem, TransUNetOutput, UNITransUNet
+
+__all__ = [
+    "ENCODER_PRESETS",
+    "build_encoder",
+    "encoder_patch_size",
+    "load_encoder_weights",
+    "read_state_dict",
+    "UNITransUNet",
+    "TransUNetOutput",
+    "SkipStem",
+    "CascadedDecoder",
+    "ProjectionHead",
+]

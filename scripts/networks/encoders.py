@@ -1,0 +1,181 @@
+"""ViT encoders for UNI-TransUNet: named presets kept as data, one factory, strict local weight loading.
+
+A preset is a timm model name plus the keyword arguments that give the architecture of a published
+checkpoint. Weights are never downloaded: ``pretrained=False`` always, and a local file is loaded on request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+from timm.layers import SwiGLUPacked
+from timm.models.vision_transformer import VisionTransformer
+
+from scripts.errors import ConfigError
+
+__all__ = ["ENCODER_PRESETS", "build_encoder", "load_encoder_weights", "read_state_dict", "encoder_patch_size"]
+
+# Each preset: the timm architecture name and the kwargs that reproduce a checkpoint's layout.
+# `dynamic_img_size=True` and `num_classes=0` are added to every preset by `build_encoder`.
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    # UNI v1 (MahmoodLab): ViT-L/16, 1024-d tokens, 24 blocks, layer scale 1e-5.
+    "uni": {"model_name": "vit_large_patch16_224", "kwargs": {"img_size": 224, "patch_size": 16, "init_values": 1e-5}},
+    # UNI2-h: ViT-H/14 with SwiGLU MLPs and 8 register tokens, 1536-d tokens.
+    "uni2-h": {
+        "model_name": "vit_giant_patch14_224",
+        "kwargs": {
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "no_embed_class": True,
+            "mlp_layer": "swiglu_packed",
+            "act_layer": "silu",
+            "reg_tokens": 8,
+        },
+    },
+    # CPU presets: random-initialised demos and tests.
+    "vit_small": {"model_name": "vit_small_patch16_224", "kwargs": {"img_size": 224, "patch_size": 16}},
+    "vit_tiny": {"model_name": "vit_tiny_patch16_224", "kwargs": {"img_size": 224, "patch_size": 16}},
+    # The UNI2-h token layout (patch 14, register tokens) at tiny width, so CPU tests cover it.
+    "vit_tiny_reg_p14": {
+        "model_name": "vit_tiny_patch16_224",
+        "kwargs": {"img_size": 224, "patch_size": 14, "reg_tokens": 4, "no_embed_class": True, "init_values": 1e-5},
+    },
+}
+
+# Layer classes cannot live in JSON configs; presets name them and this table resolves the names.
+_LAYERS = {"swiglu_packed": SwiGLUPacked}
+
+
+def _is_timm_vit(name: str) -> bool:
+    return name in timm.list_models("vit_*") or name in timm.list_models("*_vit_*")
+
+
+def build_encoder(name: str, **overrides: Any) -> VisionTransformer:
+    """Builds a randomly initialised timm ViT from a preset name or a timm ViT model name.
+
+    Args:
+        name: a key of ``ENCODER_PRESETS`` (``uni``, ``uni2-h``, ``vit_small``, ``vit_tiny``, ``vit_tiny_reg_p14``)
+            or any timm ViT architecture name such as ``vit_base_patch16_224``.
+        overrides: keyword arguments merged over the preset's (for example ``depth=2`` for a quick test).
+
+    Raises:
+        ConfigError: when the name is neither a preset nor a timm ViT, or the model built is not a ViT.
+    """
+    if name in ENCODER_PRESETS:
+        preset = ENCODER_PRESETS[name]
+        model_name, kwargs = preset["model_name"], {**preset["kwargs"], **overrides}
+    elif _is_timm_vit(name):
+        model_name, kwargs = name, dict(overrides)
+    else:
+        raise ConfigError(
+            f"Unknown encoder name '{name}' (config key 'encoder_name'). Use one of the presets "
+            f"{sorted(ENCODER_PRESETS)} or a timm ViT architecture name, e.g. 'vit_base_patch16_224' "
+            "(python -c \"import timm; print(timm.list_models('vit_*'))\" lists them)."
+        )
+    if isinstance(kwargs.get("mlp_layer"), str):
+        kwargs["mlp_layer"] = _LAYERS[kwargs["mlp_layer"]]
+    kwargs.update(dynamic_img_size=True, num_classes=0)
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(
+            f"Encoder '{name}' builds a {type(model).__name__}, not a plain timm VisionTransformer; "
+            "UNI-TransUNet needs a ViT encoder (config key 'encoder_name')."
+        )
+    return model
+
+
+def encoder_patch_size(encoder: VisionTransformer) -> int:
+    """The square patch size of a timm ViT (16 for UNI, 14 for UNI2-h)."""
+    patch = encoder.patch_embed.patch_size
+    if patch[0] != patch[1]:
+        raise ConfigError(f"Encoder patch size {tuple(patch)} is not square; UNI-TransUNet supports square patches.")
+    return int(patch[0])
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a state dict from ``.bin``, ``.pth``, ``.pt`` or ``.safetensors`` without executing pickled code.
+
+    A checkpoint that wraps its weights under a single ``state_dict``, ``model`` or ``network`` key is unwrapped.
+
+    Raises:
+        ConfigError: for a missing file, an unsupported suffix or a file that holds no tensors.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"Weights file '{path}' does not exist. Download the weights yourself (UNI's are gated on the "
+            "Hugging Face hub) and set 'encoder_weights' to the local file's path, or set it to null to train "
+            "from random initialisation."
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    elif suffix in (".bin", ".pth", ".pt"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated file or a pickle with non-tensor objects
+            raise ConfigError(f"Cannot read weights file '{path}': {err}") from err
+    else:
+        raise ConfigError(f"Weights file '{path}' has suffix '{suffix}'; use .bin, .pth, .pt or .safetensors.")
+    for wrapper in ("state_dict", "model", "network"):
+        if isinstance(state, Mapping) and set(state) == {wrapper}:
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"Weights file '{path}' does not hold a state dict of tensors.")
+    return dict(state)
+
+
+def _short_list(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_encoder_weights(encoder: torch.nn.Module, path: str | os.PathLike, preset: str) -> None:
+    """Loads a local weights file into ``encoder`` strictly: every key present, none extra, every shape equal.
+
+    Args:
+        encoder: the timm ViT built by ``build_encoder``.
+        path: the local weights file.
+        preset: the encoder name the file is expected to match; named in the error.
+
+    Raises:
+        ConfigError: listing missing keys, unexpected keys and shape mismatches when the file does not fit.
+    """
+    state = read_state_dict(path)
+    # UNI checkpoints are saved from the bare encoder; a few exporters prefix the keys.
+    for prefix in ("module.", "encoder.", "model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(expected) & set(state)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys ({len(missing)}): {_short_list(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): {_short_list(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches ({len(mismatched)}): {_short_list(mismatched)}")
+        raise ConfigError(
+            f"Weights file '{path}' does not fit encoder preset '{preset}': " + "; ".join(problems) + ". "
+            "Check that 'encoder_name' names the architecture the weights were trained with "
+            f"(presets: {sorted(ENCODER_PRESETS)})."
+        )
+    encoder.load_state_dict(state, strict=True)

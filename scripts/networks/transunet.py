@@ -1,0 +1,301 @@
+"""UNI-TransUNet: a timm ViT encoder (UNI by default), a parallel CNN skip branch and TransUNet's cascaded decoder.
+
+Layout (method.md section 1)::
+
+    image ──ViT──> tokens ─reshape─> B x D x H/p x W/p ──conv3x3──> 512 ─┐
+      └──CNN stem──> skips at 1/8 (512), 1/4 (256), 1/2 (64) ────────────┤
+                                                cascaded decoder (256, 128, 64, 16) ──> head ──> logits
+                                                          └─ 1/2-resolution map ──> projection head ──> embeddings
+
+The decoder resizes to each skip's exact size, so patch-14 encoders (whose grids do not double cleanly to the
+input size) and non-square inputs work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scripts.errors import ConfigError
+from scripts.networks.encoders import build_encoder, encoder_patch_size, load_encoder_weights
+
+__all__ = ["UNITransUNet", "TransUNetOutput", "SkipStem", "CascadedDecoder", "ProjectionHead"]
+
+
+class TransUNetOutput(NamedTuple):
+    """Training-path outputs: logits (B x C x H x W), perturbed-feature logits and pixel embeddings (or None)."""
+
+    logits: torch.Tensor
+    logits_fp: torch.Tensor | None
+    embeddings: torch.Tensor | None
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SkipStem(nn.Module):
+    """Small CNN run on the image in parallel with the ViT; returns skips at 1/8, 1/4 and 1/2 resolution.
+
+    Args:
+        channels: output channels at 1/8, 1/4 and 1/2 resolution. Defaults to TransUNet's (512, 256, 64).
+    """
+
+    def __init__(self, channels: Sequence[int] = (512, 256, 64)):
+        super().__init__()
+        c8, c4, c2 = channels
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(ConvBNReLU(3, c2 // 2, stride=2), ConvBNReLU(c2 // 2, c2)),
+                nn.Sequential(ConvBNReLU(c2, c4 // 2, stride=2), ConvBNReLU(c4 // 2, c4)),
+                nn.Sequential(ConvBNReLU(c4, c8 // 2, stride=2), ConvBNReLU(c8 // 2, c8)),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features[::-1]
+
+
+class DecoderBlock(nn.Module):
+    """Resize to a target size, concatenate an optional skip, then two conv3x3-BN-ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, skip_channels: int = 0):
+        super().__init__()
+        self.conv1 = ConvBNReLU(in_channels + skip_channels, out_channels)
+        self.conv2 = ConvBNReLU(out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int], skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class CascadedDecoder(nn.Module):
+    """TransUNet's cascaded upsampler: conv3x3 to ``head_channels``, then one block per target size.
+
+    Args:
+        in_channels: width of the encoder map.
+        head_channels: width after the first conv3x3. Defaults to 512.
+        channels: output widths of the blocks. Defaults to (256, 128, 64, 16).
+        skip_channels: skip widths fed to the blocks, in order; 0 where a block has no skip.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        head_channels: int = 512,
+        channels: Sequence[int] = (256, 128, 64, 16),
+        skip_channels: Sequence[int] = (512, 256, 64, 0),
+    ):
+        super().__init__()
+        if len(skip_channels) != len(channels):
+            raise ConfigError(f"skip_channels {tuple(skip_channels)} must have one entry per decoder block {tuple(channels)}.")
+        self.conv_more = ConvBNReLU(in_channels, head_channels)
+        widths = [head_channels, *channels]
+        self.blocks = nn.ModuleList(
+            DecoderBlock(widths[i], widths[i + 1], skip_channels[i]) for i in range(len(channels))
+        )
+
+    def forward(
+        self, x: torch.Tensor, sizes: Sequence[Sequence[int]], skips: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """Returns the output of every block, coarsest first."""
+        x = self.conv_more(x)
+        outputs = []
+        for block, size, skip in zip(self.blocks, sizes, skips):
+            x = block(x, size, skip)
+            outputs.append(x)
+        return outputs
+
+
+class ProjectionHead(nn.Module):
+    """1x1 conv - BN - ReLU - 1x1 conv, L2-normalised per pixel: the embeddings the contrastive losses use."""
+
+    def __init__(self, in_channels: int, embed_dim: int = 512, hidden_channels: int | None = None):
+        super().__init__()
+        hidden = hidden_channels or in_channels
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, embed_dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.layers(x), dim=1)
+
+
+class UNITransUNet(nn.Module):
+    """TransUNet whose ViT is a pathology foundation encoder (UNI by default).
+
+    Args:
+        out_channels: number of classes (2 for gland / background). Defaults to 2.
+        encoder_name: a preset of ``scripts.networks.ENCODER_PRESETS`` or a timm ViT name. Defaults to ``"uni"``.
+        encoder_weights: local ``.bin`` / ``.pth`` / ``.safetensors`` file loaded strictly into the encoder, or
+            None for random initialisation. Defaults to None.
+        encoder_kwargs: extra timm keyword arguments merged over the preset (e.g. ``{"depth": 2}``). Defaults to None.
+        n_skip: how many CNN skips feed the decoder, 0..3 (1/8 first, then 1/4, then 1/2). Defaults to 3.
+        skip_channels: CNN skip widths at 1/8, 1/4 and 1/2 resolution. Defaults to (512, 256, 64).
+        decoder_head_channels: width of the decoder's first conv3x3. Defaults to 512.
+        decoder_channels: widths of the four decoder blocks. Defaults to (256, 128, 64, 16).
+        embed_dim: width of the L2-normalised pixel embeddings. Defaults to 512 (CONCH / CLIP text width).
+        embed_level: decoder block whose output feeds the projection head. Defaults to 2 (the 1/2-resolution map).
+        fp_dropout: channel dropout rate of the feature-perturbation stream. Defaults to 0.5.
+        freeze_encoder: freeze every encoder parameter. Defaults to False.
+        freeze_blocks: freeze the patch embedding, tokens and the first k transformer blocks. Defaults to 0.
+        grad_checkpointing: recompute encoder activations in the backward pass to save memory. Defaults to False.
+
+    Examples::
+
+        net = UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 2}).eval()
+        logits = net(torch.rand(1, 3, 256, 320))  # 1 x 2 x 256 x 320
+        out = net.train()(torch.rand(2, 3, 256, 256), need_fp=True, need_embed=True)
+        out.logits, out.logits_fp, out.embeddings  # 2x2x256x256, 2x2x256x256, 2x512x128x128
+    """
+
+    def __init__(
+        self,
+        out_channels: int = 2,
+        encoder_name: str = "uni",
+        encoder_weights: str | os.PathLike | None = None,
+        encoder_kwargs: dict | None = None,
+        n_skip: int = 3,
+        skip_channels: Sequence[int] = (512, 256, 64),
+        decoder_head_channels: int = 512,
+        decoder_channels: Sequence[int] = (256, 128, 64, 16),
+        embed_dim: int = 512,
+        embed_level: int = 2,
+        fp_dropout: float = 0.5,
+        freeze_encoder: bool = False,
+        freeze_blocks: int = 0,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if out_channels < 2:
+            raise ConfigError(f"out_channels={out_channels}: use at least 2 classes (background and foreground).")
+        if not 0 <= n_skip <= 3:
+            raise ConfigError(f"n_skip={n_skip} is out of range; use 0, 1, 2 or 3 CNN skips.")
+        if len(skip_channels) != 3:
+            raise ConfigError(f"skip_channels={tuple(skip_channels)} needs three widths (1/8, 1/4, 1/2 resolution).")
+        if len(decoder_channels) != 4:
+            raise ConfigError(f"decoder_channels={tuple(decoder_channels)} needs four widths, one per decoder block.")
+        if not 0 <= embed_level < len(decoder_channels):
+            raise ConfigError(f"embed_level={embed_level} must index a decoder block (0..{len(decoder_channels) - 1}).")
+        if not 0.0 <= fp_dropout < 1.0:
+            raise ConfigError(f"fp_dropout={fp_dropout} must be in [0, 1).")
+
+        self.encoder_name = encoder_name
+        self.out_channels = out_channels
+        self.n_skip = n_skip
+        self.embed_level = embed_level
+        self.encoder = build_encoder(encoder_name, **(encoder_kwargs or {}))
+        if encoder_weights:
+            load_encoder_weights(self.encoder, encoder_weights, encoder_name)
+        self.patch_size = encoder_patch_size(self.encoder)
+        if not 0 <= freeze_blocks <= len(self.encoder.blocks):
+            raise ConfigError(f"freeze_blocks={freeze_blocks} must be in 0..{len(self.encoder.blocks)} for '{encoder_name}'.")
+        self._freeze(freeze_encoder, freeze_blocks)
+        if grad_checkpointing:
+            self.encoder.set_grad_checkpointing(True)
+
+        self.skip_stem = SkipStem(skip_channels) if n_skip > 0 else None
+        used_skips = [c if i < n_skip else 0 for i, c in enumerate(skip_channels)] + [0]
+        self.decoder = CascadedDecoder(self.encoder.embed_dim, decoder_head_channels, decoder_channels, used_skips)
+        self.segmentation_head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=3, padding=1)
+        self.projection_head = ProjectionHead(decoder_channels[embed_level], embed_dim)
+        self.fp_dropout = nn.Dropout2d(fp_dropout)
+
+    def _freeze(self, freeze_encoder: bool, freeze_blocks: int) -> None:
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+            return
+        if freeze_blocks > 0:
+            for name, param in self.encoder.named_parameters():
+                if not name.startswith(("blocks.", "norm.", "fc_norm.", "head")):
+                    param.requires_grad_(False)  # patch embedding, class / register tokens, position embedding
+            for block in self.encoder.blocks[:freeze_blocks]:
+                block.requires_grad_(False)
+
+    def parameter_groups(self, lr: float, encoder_lr_scale: float = 0.1) -> list[dict]:
+        """Optimizer groups: trainable encoder parameters at ``lr * encoder_lr_scale``, the rest at ``lr``."""
+        encoder_ids = {id(p) for p in self.encoder.parameters()}
+        encoder_params = [p for p in self.encoder.parameters() if p.requires_grad]
+        other_params = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        groups = [{"params": other_params, "lr": lr, "name": "decoder"}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": lr * encoder_lr_scale, "name": "encoder"})
+        return groups
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return  # export traces with symbolic sizes; callers there pass valid shapes
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ConfigError(f"UNITransUNet expects RGB images B x 3 x H x W, got shape {tuple(x.shape)}.")
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ConfigError(
+                f"Input size {h}x{w} is not a multiple of the encoder patch size {self.patch_size} "
+                f"('{self.encoder_name}'). Use crop / window sizes that are multiples of {self.patch_size}, "
+                f"e.g. {self.patch_size * max(1, round(h / self.patch_size))}."
+            )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The ViT map (B x D x H/p x W/p, prefix tokens dropped) and the skips used by the decoder."""
+        (tokens,) = self.encoder.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)
+        skips: list[torch.Tensor | None] = [None] * 4
+        if self.skip_stem is not None:
+            for i, feature in enumerate(self.skip_stem(x)[: self.n_skip]):
+                skips[i] = feature
+        return tokens, skips
+
+    @staticmethod
+    def _decoder_sizes(height: int, width: int) -> list[tuple[int, int]]:
+        # The stem's stride-2 convolutions give ceil(size / 2) at each level; the decoder lands on the same grid.
+        sizes, h, w = [], height, width
+        for _ in range(3):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            sizes.append((h, w))
+        return sizes[::-1] + [(height, width)]
+
+    def forward(
+        self, x: torch.Tensor, need_fp: bool = False, need_embed: bool = False
+    ) -> torch.Tensor | TransUNetOutput:
+        """Segments ``x`` (B x 3 x H x W, H and W multiples of the patch size).
+
+        Returns the logits tensor (B x C x H x W) by default, as bundles, ONNX export and inference expect. With
+        ``need_fp`` or ``need_embed`` it returns a ``TransUNetOutput`` whose ``logits_fp`` come from the same
+        features after channel dropout and whose ``embeddings`` are L2-normalised pixel embeddings.
+        """
+        self._check_size(x)
+        height, width = x.shape[-2:]
+        sizes = self._decoder_sizes(height, width)
+        tokens, skips = self.encode(x)
+        if need_fp:
+            tokens = torch.cat([tokens, self.fp_dropout(tokens)])
+            skips = [None if s is None else torch.cat([s, self.fp_dropout(s)]) for s in skips]
+        features = self.decoder(tokens, sizes, skips)
+        logits = self.segmentation_head(features[-1])
+        if not (need_fp or need_embed):
+            return logits
+        logits_fp = None
+        embed_feature = features[self.embed_level]
+        if need_fp:
+            logits, logits_fp = logits.chunk(2)
+            embed_feature = embed_feature[: x.shape[0]]
+        embeddings = self.projection_head(embed_feature) if need_embed else None
+        return TransUNetOutput(logits, logits_fp, embeddings)
