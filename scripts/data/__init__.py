@@ -2,6 +2,7 @@
 
 from .datalist import demo_cache_dir, list_images, load_datalist
 from .synthetic import ensure_demo_dataset, generate_demo_dataset, synthesize_tile
+from .views import AddValidMaskd, RandCutMixBoxd, RandStrongAugmentd
 from .transforms import IMAGENET_MEAN_255, IMAGENET_STD_255, EnsureRGBd, PrepareLabeld, check_roi_size
 
 __all__ = [
@@ -11,6 +12,9 @@ __all__ = [
     "ensure_demo_dataset",
     "generate_demo_dataset",
     "synthesize_tile",
+    "AddValidMaskd",
+    "RandCutMixBoxd",
+    "RandStrongAugmentd",
     "EnsureRGBd",
     "PrepareLabeld",
     "check_roi_size",

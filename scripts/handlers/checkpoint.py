@@ -33,7 +33,7 @@ def save_atomically(objects: Mapping[str, Any], path: str | os.PathLike) -> None
     """Saves the state dicts of ``objects`` to ``path`` through a temporary file in the same folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {name: _state_of(_unwrap(obj)) for name, obj in objects.items()}
+    payload = {name: _state_of(_unwrap(obj)) for name, obj in objects.items() if obj is not None}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -127,6 +127,7 @@ class ResumeFromCheckpoint:
         if not self.enabled or not self.path.is_file():
             return
         state = torch.load(self.path, map_location="cpu", weights_only=False)
+        self.load_dict = {name: obj for name, obj in self.load_dict.items() if obj is not None}
         missing = sorted(set(self.load_dict) - set(state))
         if missing:
             raise KeyError(f"Checkpoint '{self.path}' lacks {missing}; delete it or set 'resume' to false.")

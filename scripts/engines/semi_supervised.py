@@ -1,0 +1,360 @@
+"""The semi-supervised trainer: UniMatch weak-to-strong consistency plus image- and text-prototype contrast.
+
+One iteration, top to bottom (method.md section 2):
+
+1. the CutMix source u' is predicted in eval mode without gradient; its strong views are pasted into u's inside
+   the CutMix boxes;
+2. one forward of [x, u_w] with the feature-perturbation stream gives labeled logits, weak logits, FP logits and
+   pixel embeddings; one forward of [u_s1, u_s2] gives the strong logits and embeddings;
+3. pseudo-labels and confidences of u_w, replaced inside each box by those of u';
+4. L_x (CE + Dice), L_s1, L_s2, L_fp (masked CE over all valid pixels), L_img and L_txt (pixel-to-prototype
+   InfoNCE on labeled and confident strong-view pixels), one weighted sum, one optimiser step.
+
+The unlabeled loader drives the epoch; the labeled and CutMix-source loaders cycle. At the start of every epoch
+all random state (torch, numpy, python, the transforms, the samplers) is re-seeded from ``(seed, epoch)``, so a
+run resumed from an end-of-epoch checkpoint repeats exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.engines import Trainer
+from monai.engines.workflow import Workflow
+from torch.utils.data import DataLoader
+
+from scripts.engines.presets import resolve_method
+from scripts.errors import ConfigError
+from scripts.losses import cutmix_targets, masked_cross_entropy, prototype_infonce, sample_pixels_per_class, supervised_loss
+from scripts.prototypes import PrototypeBank, TextPrototypes
+
+__all__ = ["SemiSupervisedTrainer", "TrainingDivergedError", "epoch_seed"]
+
+logger = logging.getLogger(__name__)
+
+LOSS_KEYS = ("loss", "loss_x", "loss_s1", "loss_s2", "loss_fp", "loss_img", "loss_txt", "mask_ratio", "skipped")
+
+
+class TrainingDivergedError(ConfigError):
+    """Too many consecutive iterations had a non-finite loss or gradient."""
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A 32-bit seed derived from the run seed, the epoch and a stream id (independent streams, no overlap)."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def _to_device(batch: dict, device: torch.device, non_blocking: bool) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.as_tensor() if hasattr(value, "as_tensor") else value
+            out[key] = value.to(device, non_blocking=non_blocking)
+    return out
+
+
+def _gather_pixels(embeddings: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Rows of the B x D x h x w embeddings at flat pixel indices (over B*h*w), without copying the whole map."""
+    batch, dim, height, width = embeddings.shape
+    image, pixel = flat_index // (height * width), flat_index % (height * width)
+    return embeddings.flatten(2)[image, :, pixel]
+
+
+def _resize_nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0]
+
+
+class SemiSupervisedTrainer(Trainer):
+    """Ignite trainer for every method preset (``supervised``, ``fixmatch``, ``unimatch``, ``mpamatch_img``,
+    ``mpamatch_txt``, ``mpamatch``).
+
+    Args:
+        device: device to train on.
+        max_epochs: number of epochs (passes over the unlabeled set).
+        unlabeled_loader: yields ``image`` (weak view), ``image_s1``, ``image_s2``, ``valid``, ``box1``, ``box2``.
+        labeled_loader: yields ``image``, ``label``, ``valid``; cycled, re-seeded on each pass.
+        network: a ``UNITransUNet``.
+        optimizer: optimizer over the network and the text-prototype parameters.
+        mix_loader: second unlabeled stream, the CutMix source; defaults to ``unlabeled_loader`` iterated separately.
+        method: method preset name. Defaults to ``"mpamatch"``.
+        lambda_img: override of the preset's image-contrast weight. Defaults to None (the preset's).
+        lambda_txt: override of the preset's text-contrast weight. Defaults to None (the preset's).
+        confidence_threshold: tau for pseudo-labels. Defaults to 0.95.
+        prototype_bank: the image-prototype bank; required when lambda_img > 0.
+        text_prototypes: the text-prototype module; required when lambda_txt > 0.
+        image_temperature: tau_img. Defaults to 0.1.
+        pixels_per_class: at most this many pixels per class per batch in the contrastive losses. Defaults to 256.
+        contrast_warmup: fraction of all iterations over which the contrastive weights ramp up linearly. Defaults to 0.1.
+        prototype_from_pseudo: also pool confident strong-view pixels into the image prototypes. Defaults to False.
+        max_skipped_steps: stop after this many consecutive non-finite iterations. Defaults to 10.
+        grad_clip_norm: clip the gradient norm to this value, or None for no clipping. Defaults to None.
+        seed: run seed for the per-epoch re-seeding. Defaults to 0.
+        epoch_length: iterations per epoch. Defaults to ``len(unlabeled_loader)``.
+        handlers: Ignite handlers. Defaults to None.
+        amp: mixed precision (CUDA only). Defaults to False.
+        amp_dtype: ``"bfloat16"`` (no loss scaling) or ``"float16"`` (with a GradScaler). Defaults to ``"bfloat16"``.
+        non_blocking: non-blocking host-to-device copies. Defaults to False.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        unlabeled_loader: Iterable,
+        labeled_loader: Iterable,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        mix_loader: Iterable | None = None,
+        method: str = "mpamatch",
+        lambda_img: float | None = None,
+        lambda_txt: float | None = None,
+        confidence_threshold: float = 0.95,
+        prototype_bank: PrototypeBank | None = None,
+        text_prototypes: TextPrototypes | None = None,
+        image_temperature: float = 0.1,
+        pixels_per_class: int = 256,
+        contrast_warmup: float = 0.1,
+        prototype_from_pseudo: bool = False,
+        max_skipped_steps: int = 10,
+        grad_clip_norm: float | None = None,
+        seed: int = 0,
+        epoch_length: int | None = None,
+        handlers: list | None = None,
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+        non_blocking: bool = False,
+    ):
+        self.method_name = method
+        self.method = resolve_method(method, lambda_img, lambda_txt)
+        if self.method.lambda_img > 0 and prototype_bank is None:
+            raise ConfigError(f"method '{method}' uses image prototypes (lambda_img > 0) but no 'prototype_bank' is given.")
+        if self.method.lambda_txt > 0 and text_prototypes is None:
+            raise ConfigError(
+                f"method '{method}' uses text prototypes (lambda_txt > 0) but 'text_source' gives none; set text_source "
+                "to 'prompt', 'file' or 'random', or choose a method without text (e.g. 'mpamatch_img')."
+            )
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ConfigError(f"confidence_threshold={confidence_threshold} must be in [0, 1].")
+        if amp_dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"amp_dtype='{amp_dtype}' must be 'bfloat16' or 'float16'.")
+        super().__init__(
+            device=device, max_epochs=max_epochs, data_loader=unlabeled_loader, epoch_length=epoch_length,
+            non_blocking=non_blocking, handlers=None, amp=amp, decollate=False,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.labeled_loader = labeled_loader
+        self.mix_loader = mix_loader if mix_loader is not None else unlabeled_loader
+        self.threshold = confidence_threshold
+        self.prototype_bank = prototype_bank
+        self.text_prototypes = text_prototypes
+        self.image_temperature = image_temperature
+        self.pixels_per_class = pixels_per_class
+        self.contrast_warmup = contrast_warmup
+        self.prototype_from_pseudo = prototype_from_pseudo
+        self.max_skipped_steps = max_skipped_steps
+        self.grad_clip_norm = grad_clip_norm
+        self.seed = seed
+        self.amp_dtype = getattr(torch, amp_dtype)
+        self.state.skipped_steps = 0
+        self.state.consecutive_skips = 0
+        self.state.prototype_batch = None
+        self._streams: dict[str, Any] = {}
+        self._passes: dict[str, int] = {}
+        # Registered before the user's handlers, so that every handler sees an epoch with its seeds already set.
+        self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+        if handlers is not None:
+            self._register_handlers(handlers)
+        logger.info("Method '%s': %s", method, self.method)
+
+    def run(self) -> None:
+        # bfloat16 autocast needs no loss scaling; a GradScaler is only made for float16.
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_dtype == torch.float16 else None
+        Workflow.run(self)
+
+    # ---------------------------------------------------------------------------------------------- epochs
+    def _loaders(self) -> dict[str, Iterable]:
+        return {"unlabeled": self.data_loader, "labeled": self.labeled_loader, "mix": self.mix_loader}
+
+    def _start_epoch(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        seed = epoch_seed(self.seed, epoch)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        for stream, (name, loader) in enumerate(self._loaders().items()):
+            transform = getattr(getattr(loader, "dataset", None), "transform", None)
+            if hasattr(transform, "set_random_state"):
+                transform.set_random_state(seed=epoch_seed(self.seed, epoch, stream + 1))
+            self._passes[name] = 0
+            self._streams.pop(name, None)
+        sampler = getattr(self.data_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+    def _next(self, name: str) -> dict:
+        """The next batch of a cycling stream; a finished pass starts a new one with a new sampler seed."""
+        iterator = self._streams.get(name)
+        if iterator is not None:
+            try:
+                return next(iterator)
+            except StopIteration:
+                pass
+        loader = self._loaders()[name]
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch_seed(self.seed, self.state.epoch, 100 + self._passes[name]))
+        self._passes[name] += 1
+        self._streams[name] = iter(loader)
+        return next(self._streams[name])
+
+    # ---------------------------------------------------------------------------------------------- iteration
+    def _contrast_ramp(self) -> float:
+        total = max(1, self.state.max_epochs * self.state.epoch_length)
+        warmup = self.contrast_warmup * total
+        return 1.0 if warmup <= 0 else min(1.0, self.state.iteration / warmup)
+
+    def _iteration(self, engine: Engine, batchdata: dict) -> dict[str, float]:
+        method, tau, device = self.method, self.threshold, engine.state.device
+        num_classes = self.network.out_channels
+        lab = _to_device(self._next("labeled"), device, self.non_blocking)
+        x, y = lab["image"], lab["label"][:, 0].long()
+        valid_x = lab.get("valid", torch.ones_like(lab["label"]))[:, 0] > 0
+        autocast = torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=self.amp)
+        zero = torch.zeros((), device=device)
+        losses = {key: zero for key in ("loss_s1", "loss_s2", "loss_fp", "loss_img", "loss_txt")}
+        mask_ratio = zero
+
+        if method.unsupervised:
+            unl = _to_device(batchdata, device, self.non_blocking)
+            mix = _to_device(self._next("mix"), device, self.non_blocking)
+            u_w, valid_u = unl["image"], unl["valid"][:, 0] > 0
+            with torch.no_grad(), autocast:
+                self.network.eval()
+                mix_probs = self.network(mix["image"]).float().softmax(dim=1)
+            mix_conf, mix_target = mix_probs.max(dim=1)
+            valid_mix = mix["valid"][:, 0] > 0
+            boxes = [unl["box1"][:, 0] > 0, unl["box2"][:, 0] > 0]
+            strong = [torch.where(box[:, None], mix[f"image_s{i + 1}"], unl[f"image_s{i + 1}"])
+                      for i, box in enumerate(boxes[: method.strong_views])]
+
+        self.network.train()
+        with autocast:
+            if method.unsupervised:
+                out = self.network(torch.cat([x, u_w]), need_fp=method.weight_fp > 0, need_embed=method.contrast)
+                logits_x, logits_w = out.logits.float().split([x.shape[0], u_w.shape[0]])
+                strong_out = self.network(torch.cat(strong), need_embed=method.contrast)
+                logits_strong = strong_out.logits.float().chunk(len(strong))
+            else:
+                out = self.network(x, need_embed=method.contrast)
+                logits_x = out.logits.float() if method.contrast else out.float()
+
+            losses["loss_x"] = supervised_loss(logits_x, y, valid=valid_x)
+            contrast_emb, contrast_target, contrast_keep = [], [], []
+            if method.contrast:
+                emb_x = out.embeddings[: x.shape[0]]
+                size = tuple(emb_x.shape[-2:])
+                contrast_emb.append(emb_x)
+                contrast_target.append(_resize_nearest(y, size).long())
+                contrast_keep.append(_resize_nearest(valid_x, size) > 0)
+
+            if method.unsupervised:
+                probs_w = logits_w.detach().softmax(dim=1)
+                conf_w, target_w = probs_w.max(dim=1)
+                mask_ratio = ((conf_w >= tau) & valid_u).sum() / valid_u.sum().clamp_min(1)
+                weights = (method.weight_s1, method.weight_s2)
+                strong_emb = strong_out.embeddings.chunk(len(strong)) if method.contrast else [None] * len(strong)
+                for i, (box, logits_s, emb_s) in enumerate(zip(boxes, logits_strong, strong_emb)):
+                    target, conf, valid = cutmix_targets(box, target_w, conf_w, valid_u, mix_target, mix_conf, valid_mix)
+                    losses[f"loss_s{i + 1}"] = masked_cross_entropy(logits_s, target, conf, valid, tau)
+                    if emb_s is not None:
+                        size = tuple(emb_s.shape[-2:])
+                        contrast_emb.append(emb_s)
+                        contrast_target.append(_resize_nearest(target, size).long())
+                        contrast_keep.append(_resize_nearest((conf >= tau) & valid, size) > 0)
+                if method.weight_fp > 0:
+                    logits_fp = out.logits_fp.float()[x.shape[0]:]
+                    losses["loss_fp"] = masked_cross_entropy(logits_fp, target_w, conf_w, valid_u, tau)
+                loss_u = sum(w * losses[f"loss_s{i + 1}"] for i, w in enumerate(weights)) + method.weight_fp * losses["loss_fp"]
+                loss = (losses["loss_x"] + loss_u) / 2.0
+            else:
+                loss = losses["loss_x"]
+
+            if method.contrast:
+                loss = loss + self._contrast(contrast_emb, contrast_target, contrast_keep, num_classes, losses)
+
+        return self._step(engine, loss, losses, mask_ratio)
+
+    def _contrast(self, embeddings: list, targets: list, keeps: list, num_classes: int, losses: dict) -> torch.Tensor:
+        """L_img and L_txt on sampled labeled and confident strong-view pixels; stores the bank's batch prototypes."""
+        counts = [e.shape[0] * e.shape[2] * e.shape[3] for e in embeddings]
+        offsets = np.cumsum([0, *counts])
+        target = torch.cat([t.reshape(-1) for t in targets])
+        keep = torch.cat([k.reshape(-1) for k in keeps])
+        index = sample_pixels_per_class(target, keep, num_classes, self.pixels_per_class)
+        pixels = torch.cat([
+            _gather_pixels(emb, index[(index >= lo) & (index < hi)] - lo)
+            for emb, lo, hi in zip(embeddings, offsets[:-1], offsets[1:])
+        ]).float()
+        pixel_target = target[index]
+        ramp = self._contrast_ramp()
+        total = pixels.sum() * 0.0
+        if self.method.lambda_img > 0:
+            if self.prototype_bank.ready:
+                losses["loss_img"] = prototype_infonce(pixels, pixel_target, self.prototype_bank.prototypes.detach(),
+                                                       self.image_temperature)
+                total = total + ramp * self.method.lambda_img * losses["loss_img"]
+            # The bank pools labeled pixels (the first block), and optionally the confident strong-view ones.
+            pooled = index < offsets[1] if not self.prototype_from_pseudo else torch.ones_like(index, dtype=torch.bool)
+            self.state.prototype_batch = self.prototype_bank.batch_prototypes(pixels.detach(), pixel_target, pooled)
+        if self.method.lambda_txt > 0:
+            text = self.text_prototypes()
+            losses["loss_txt"] = prototype_infonce(pixels, pixel_target, text, self.text_prototypes.temperature())
+            total = total + ramp * self.method.lambda_txt * losses["loss_txt"]
+        return total
+
+    def _step(self, engine: Engine, loss: torch.Tensor, losses: dict, mask_ratio: torch.Tensor) -> dict[str, float]:
+        """Backward and update, or skip the step when the loss or the gradient is not finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm or math.inf)
+            finite = bool(torch.isfinite(norm))
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            engine.state.consecutive_skips = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            engine.state.prototype_batch = None
+            engine.state.skipped_steps += 1
+            engine.state.consecutive_skips += 1
+            bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+            logger.warning("Iteration %d: non-finite loss or gradient %s; step skipped (%d skipped in all).",
+                           engine.state.iteration, bad or "(gradient)", engine.state.skipped_steps)
+            if engine.state.consecutive_skips >= self.max_skipped_steps:
+                raise TrainingDivergedError(
+                    f"{engine.state.consecutive_skips} consecutive iterations had a non-finite loss or gradient "
+                    f"(last: {bad or 'gradient'}); training stopped and the last checkpoint was left as it was. "
+                    "Lower 'learning_rate', enable 'grad_clip_norm', or check the data; 'max_skipped_steps' sets "
+                    "how many skips are tolerated."
+                )
+        output = {"loss": float(loss), "mask_ratio": float(mask_ratio), "skipped": 0.0 if finite else 1.0}
+        output.update({k: float(v) for k, v in losses.items()})
+        return output

@@ -1,0 +1,8 @@
+"""Prototypes for the contrastive losses: the image-prototype bank and the text prototypes."""
+
+from .bank import PrototypeBank
+from .text import (FixedTextPrototypes, PromptTextPrototypes, RandomTextPrototypes, TextPrototypes,
+                   build_text_prototypes, build_text_tower)
+
+__all__ = ["PrototypeBank", "TextPrototypes", "PromptTextPrototypes", "FixedTextPrototypes", "RandomTextPrototypes",
+           "build_text_prototypes", "build_text_tower"]
