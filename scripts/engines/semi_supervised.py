@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from scripts.engines.presets import resolve_method
 from scripts.errors import ConfigError
 from scripts.losses import cutmix_targets, masked_cross_entropy, prototype_infonce, sample_pixels_per_class, supervised_loss
+from scripts.networks import TransUNetOutput
 from scripts.prototypes import PrototypeBank, TextPrototypes
 
 __all__ = ["SemiSupervisedTrainer", "TrainingDivergedError", "epoch_seed"]
@@ -65,6 +66,13 @@ def _gather_pixels(embeddings: torch.Tensor, flat_index: torch.Tensor) -> torch.
     batch, dim, height, width = embeddings.shape
     image, pixel = flat_index // (height * width), flat_index % (height * width)
     return embeddings.flatten(2)[image, :, pixel]
+
+
+def _forward(network: torch.nn.Module, images: torch.Tensor, need_fp: bool = False, need_embed: bool = False
+             ) -> TransUNetOutput:
+    """The network's training outputs, always as a ``TransUNetOutput`` (a plain call returns bare logits)."""
+    out = network(images, need_fp=need_fp, need_embed=need_embed)
+    return out if isinstance(out, TransUNetOutput) else TransUNetOutput(out, None, None)
 
 
 def _resize_nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -142,6 +150,12 @@ class SemiSupervisedTrainer(Trainer):
             )
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ConfigError(f"confidence_threshold={confidence_threshold} must be in [0, 1].")
+        if epoch_length is None and hasattr(unlabeled_loader, "__len__") and len(unlabeled_loader) == 0:
+            dataset = getattr(unlabeled_loader, "dataset", [])
+            raise ConfigError(
+                f"The unlabeled set has {len(dataset)} images, fewer than one batch ('unlabeled_batch_size' "
+                f"{getattr(unlabeled_loader, 'batch_size', '?')}); add unlabeled images or lower the batch size."
+            )
         if amp_dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"amp_dtype='{amp_dtype}' must be 'bfloat16' or 'float16'.")
         super().__init__(
@@ -248,13 +262,13 @@ class SemiSupervisedTrainer(Trainer):
         self.network.train()
         with autocast:
             if method.unsupervised:
-                out = self.network(torch.cat([x, u_w]), need_fp=method.weight_fp > 0, need_embed=method.contrast)
+                out = _forward(self.network, torch.cat([x, u_w]), need_fp=method.weight_fp > 0, need_embed=method.contrast)
                 logits_x, logits_w = out.logits.float().split([x.shape[0], u_w.shape[0]])
-                strong_out = self.network(torch.cat(strong), need_embed=method.contrast)
+                strong_out = _forward(self.network, torch.cat(strong), need_embed=method.contrast)
                 logits_strong = strong_out.logits.float().chunk(len(strong))
             else:
-                out = self.network(x, need_embed=method.contrast)
-                logits_x = out.logits.float() if method.contrast else out.float()
+                out = _forward(self.network, x, need_embed=method.contrast)
+                logits_x = out.logits.float()
 
             losses["loss_x"] = supervised_loss(logits_x, y, valid=valid_x)
             contrast_emb, contrast_target, contrast_keep = [], [], []
@@ -345,7 +359,7 @@ class SemiSupervisedTrainer(Trainer):
             engine.state.prototype_batch = None
             engine.state.skipped_steps += 1
             engine.state.consecutive_skips += 1
-            bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+            bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
             logger.warning("Iteration %d: non-finite loss or gradient %s; step skipped (%d skipped in all).",
                            engine.state.iteration, bad or "(gradient)", engine.state.skipped_steps)
             if engine.state.consecutive_skips >= self.max_skipped_steps:
@@ -355,6 +369,6 @@ class SemiSupervisedTrainer(Trainer):
                     "Lower 'learning_rate', enable 'grad_clip_norm', or check the data; 'max_skipped_steps' sets "
                     "how many skips are tolerated."
                 )
-        output = {"loss": float(loss), "mask_ratio": float(mask_ratio), "skipped": 0.0 if finite else 1.0}
-        output.update({k: float(v) for k, v in losses.items()})
+        output = {"loss": float(loss.detach()), "mask_ratio": float(mask_ratio), "skipped": 0.0 if finite else 1.0}
+        output.update({k: float(v.detach()) for k, v in losses.items()})
         return output

@@ -1,0 +1,97 @@
+"""Text prototypes: CoOp context learns through a frozen tower; file and random sources; clear errors."""
+
+import pytest
+import torch
+
+from scripts.errors import ConfigError
+from scripts.prototypes import FixedTextPrototypes, PromptTextPrototypes, build_text_prototypes, build_text_tower
+from scripts.losses import prototype_infonce
+
+TINY_TEXT = {"layers": 1}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    torch.manual_seed(0)
+    return PromptTextPrototypes(["background stroma", "colon gland"], embed_dim=16, arch="ViT-B-16", text_cfg=TINY_TEXT)
+
+
+def test_prototypes_shape_and_norm(prompts):
+    protos = prompts()
+    assert protos.shape == (2, 16)
+    torch.testing.assert_close(protos.norm(dim=1), torch.ones(2))
+
+
+def test_gradient_reaches_context_and_never_the_tower(prompts):
+    prompts.zero_grad(set_to_none=True)
+    z = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    prototype_infonce(z, torch.tensor([0, 1, 0, 1, 0, 1]), prompts(), prompts.temperature()).backward()
+    assert prompts.ctx.grad is not None and prompts.ctx.grad.abs().sum() > 0
+    assert prompts.projection.weight.grad is not None
+    frozen = [p for name, p in prompts.named_parameters() if name.startswith("model.") and not name.endswith("ctx")]
+    assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
+
+
+def test_context_changes_prototypes(prompts):
+    before = prompts().detach()
+    with torch.no_grad():
+        prompts.ctx.add_(torch.randn_like(prompts.ctx))
+    assert not torch.allclose(before, prompts().detach())
+
+
+def test_state_dict_holds_only_trained_parts(prompts):
+    keys = set(prompts.state_dict())
+    assert keys == {"projection.weight", "model.token_embedding.ctx"}
+    prompts.load_state_dict(prompts.state_dict())
+
+
+def test_ctx_init_from_words():
+    import open_clip
+
+    words = "a histopathology image of"
+    ids = open_clip.get_tokenizer("ViT-B-16")([words])[0]
+    word_ids = ids[1:int((ids != 0).sum()) - 1]  # without start and end tokens
+    tp = PromptTextPrototypes(["a", "b"], embed_dim=16, arch="ViT-B-16", ctx_init=words, text_cfg=TINY_TEXT)
+    assert tp.ctx.shape[0] == len(word_ids) > 4
+    torch.testing.assert_close(tp.ctx.data, tp.model.token_embedding.embedding(word_ids))
+    # the prompts hold one placeholder per context vector, then the description
+    assert (tp.token_ids[:, 1:1 + len(word_ids)] == tp.token_ids[0, 1]).all()
+
+
+def test_local_text_weights_load_and_mismatch(tmp_path):
+    model, _ = build_text_tower("ViT-B-16", text_cfg=TINY_TEXT)
+    path = tmp_path / "text.pth"
+    torch.save({k: v for k, v in model.state_dict().items()}, path)
+    loaded, _ = build_text_tower("ViT-B-16", weights=path, text_cfg=TINY_TEXT)
+    torch.testing.assert_close(loaded.token_embedding.weight, model.token_embedding.weight)
+    with pytest.raises(ConfigError, match="do not fit open_clip architecture 'ViT-B-16'"):
+        build_text_tower("ViT-B-16", weights=path, text_cfg={"layers": 2})
+
+
+def test_fixed_prototypes_from_file(tmp_path):
+    path = tmp_path / "protos.pt"
+    torch.save({"prototypes": torch.tensor([[3.0, 4.0], [1.0, 0.0]])}, path)
+    fixed = FixedTextPrototypes(path, num_classes=2, embed_dim=2)
+    torch.testing.assert_close(fixed(), torch.tensor([[0.6, 0.8], [1.0, 0.0]]))
+    with pytest.raises(ConfigError, match="expected a 3 x D tensor"):
+        FixedTextPrototypes(path, num_classes=3, embed_dim=2)
+    with pytest.raises(ConfigError, match="does not exist"):
+        FixedTextPrototypes(tmp_path / "absent.pt", num_classes=2)
+
+
+def test_random_source_is_loud(caplog):
+    with caplog.at_level("WARNING"):
+        random_protos = build_text_prototypes("random", num_classes=2, embed_dim=8)
+    assert "NO LANGUAGE PRIOR" in caplog.text
+    assert random_protos().shape == (2, 8) and not random_protos.has_language_prior
+
+
+def test_learnable_scale_and_bad_source():
+    tp = build_text_prototypes("random", num_classes=2, embed_dim=8, learnable_scale=True)
+    assert float(tp.temperature().detach()) == pytest.approx(0.07)
+    assert tp.logit_scale.requires_grad
+    assert build_text_prototypes(None, 2, 8) is None
+    with pytest.raises(ConfigError, match="text_source='clip'"):
+        build_text_prototypes("clip", 2, 8)
+    with pytest.raises(ConfigError, match="2 classes"):
+        build_text_prototypes("prompt", 2, 8, class_descriptions=["only one"])

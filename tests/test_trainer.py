@@ -1,0 +1,142 @@
+"""The semi-supervised trainer on generated data: every preset, non-finite steps, and exact resume after SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from scripts.engines import TrainingDivergedError
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "bundle" / "configs" / "train.json"
+
+TINY = {
+    "encoder_name": "vit_tiny",
+    "encoder_kwargs": {"depth": 1},
+    "skip_channels": [16, 8, 8],
+    "decoder_channels": [16, 16, 8, 8],
+    "embed_dim": 32,
+    "roi_size": [32, 32],
+    "labeled_batch_size": 2,
+    "unlabeled_batch_size": 2,
+    "text_cfg": {"layers": 1},
+    "pixels_per_class": 32,
+    "confidence_threshold": 0.0,  # every pseudo-label counts, so the unsupervised terms are non-zero at once
+}
+
+
+def parser_for(demo_data, tmp_path, **overrides):
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    settings = {**TINY, "datalist": str(demo_data), "ckpt_dir": str(tmp_path / "models"),
+                "output_dir": str(tmp_path / "runs"), **overrides}
+    for key, value in settings.items():
+        parser[key] = value
+    return parser
+
+
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "mpamatch_img", "mpamatch_txt", "mpamatch"])
+def test_every_preset_trains(method, demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method=method, num_epochs=1)
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.state.epoch_length = 2  # two iterations are enough to exercise the whole step
+    network = parser.get_parsed_content("network")
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    trainer.run()
+    output = trainer.state.output
+    assert set(output) == {"loss", "loss_x", "loss_s1", "loss_s2", "loss_fp", "loss_img", "loss_txt", "mask_ratio", "skipped"}
+    assert all(isinstance(v, float) for v in output.values())
+    config = trainer.method
+    assert (output["loss_s1"] > 0) == (config.weight_s1 > 0)
+    assert (output["loss_s2"] > 0) == (config.weight_s2 > 0)
+    assert (output["loss_fp"] > 0) == (config.weight_fp > 0)
+    assert (output["loss_txt"] > 0) == (config.lambda_txt > 0)
+    if config.lambda_img > 0:  # the bank fills after the first iteration, so the second one has an image loss
+        assert parser.get_parsed_content("prototype_bank").ready and output["loss_img"] > 0
+    else:
+        assert output["loss_img"] == 0
+    changed = any(not torch.equal(before[k], v) for k, v in network.state_dict().items())
+    assert changed and output["skipped"] == 0.0
+
+
+def test_non_finite_loss_is_skipped_then_stops(demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=2, max_skipped_steps=2)
+    trainer = parser.get_parsed_content("train#trainer")
+    network = parser.get_parsed_content("network")
+    def poison(module, inputs, output):
+        return output * float("nan") if module.training else output
+
+    handle = network.segmentation_head.register_forward_hook(poison)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    with pytest.raises(TrainingDivergedError, match="2 consecutive iterations had a non-finite loss"):
+        trainer.run()
+    handle.remove()
+    assert trainer.state.skipped_steps == 2
+    for key, value in network.state_dict().items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(before[key], value), f"{key} changed although every step was skipped"
+    assert not (tmp_path / "models" / "checkpoint.pt").exists()
+
+
+def test_single_non_finite_step_is_counted_and_training_goes_on(demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=1)
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.state.epoch_length = 2
+    network = parser.get_parsed_content("network")
+    calls = {"n": 0}
+
+    def poison_first(module, inputs, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return output * float("nan")
+        return output
+
+    network.segmentation_head.register_forward_hook(poison_first)
+    trainer.run()
+    assert trainer.state.skipped_steps == 1 and trainer.state.consecutive_skips == 0
+    assert trainer.state.output["skipped"] == 0.0
+
+
+def _command(demo_data, ckpt_dir):
+    args = {**TINY, "method": "mpamatch", "num_epochs": 3, "datalist": demo_data, "ckpt_dir": ckpt_dir,
+            "output_dir": Path(ckpt_dir).parent / "runs", "val_interval": 3}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)]
+    for key, value in args.items():
+        cmd += [f"--{key}", str(value).replace(" ", "")]
+    return cmd
+
+
+def test_sigkill_and_rerun_reaches_the_same_weights(demo_data, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    straight, resumed = tmp_path / "straight" / "models", tmp_path / "resumed" / "models"
+    subprocess.run(_command(demo_data, straight), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+
+    # Run again, kill it with SIGKILL once the first epoch's checkpoint is on disk, then start the same command.
+    process = subprocess.Popen(_command(demo_data, resumed), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = resumed / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed; the test needs a longer run"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["trainer"]["iteration"]
+    assert 0 < killed_at < 3 * 2  # 4 unlabeled images, batch 2: 2 iterations an epoch
+    result = subprocess.run(_command(demo_data, resumed), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"iteration {killed_at}" in result.stdout + result.stderr
+
+    a = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 6
+    for part in ("model", "prototype_bank", "text_prototypes"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
