@@ -619,13 +619,7 @@ def ensure_demo_dataset(root: str | os.PathLike, seed: int = 0, n_labeled: int =
     every file its datalist names exists; otherwise the set is (re)generated with :func:`generate_demo_dataset`.
 
     Args:
-        root: folder of the demo data set.
-        seed: non-negative seed; the same seed gives byte-identical files.
-        n_labeled: number of labeled training images (image and mask), at least 1.
-        n_unlabeled: number of unlabeled training images (image only).
-        n_validation: number of validation images with masks.
-        n_test: number of test images with masks.
-        image_size: (height, width) of every image, at least ``MIN_IMAGE_SIZE`` each.
+        root: folder of the demo data set; the other arguments are those of :func:`generate_demo_dataset`.
 
     Returns:
         Path of ``datalist.json`` under ``root``.

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.workflow import Workflow
-from torch.utils.data import DataLoader
 
 from scripts.engines.presets import resolve_method
 from scripts.errors import ConfigError
@@ -39,9 +38,6 @@ from scripts.prototypes import PrototypeBank, TextPrototypes
 __all__ = ["SemiSupervisedTrainer", "TrainingDivergedError", "epoch_seed"]
 
 logger = logging.getLogger(__name__)
-
-LOSS_KEYS = ("loss", "loss_x", "loss_s1", "loss_s2", "loss_fp", "loss_img", "loss_txt", "mask_ratio", "skipped")
-
 
 class TrainingDivergedError(ConfigError):
     """Too many consecutive iterations had a non-finite loss or gradient."""

@@ -1,0 +1,71 @@
+"""Command-line tools of the bundle: ``python -m scripts.cli <command> --help``.
+
+Commands:
+    demo-data         write the generated demo data set (what the main job uses) to a folder
+    text-prototypes   compute fixed text prototypes once from a local text encoder, for ``text_source: file``
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import fire
+import torch
+import torch.nn.functional as F
+
+from scripts.data import ensure_demo_dataset
+from scripts.errors import ConfigError
+from scripts.prototypes.text import _encode, build_text_tower
+
+__all__ = ["demo_data", "text_prototypes"]
+
+
+def demo_data(root: str, seed: int = 0, n_labeled: int = 8, n_unlabeled: int = 72, n_validation: int = 8,
+              n_test: int = 8, image_size: Sequence[int] = (256, 256)) -> str:
+    """Writes the demo data set under ``root`` (or reuses a matching copy) and prints its datalist path."""
+    path = ensure_demo_dataset(root, seed=seed, n_labeled=n_labeled, n_unlabeled=n_unlabeled,
+                               n_validation=n_validation, n_test=n_test, image_size=tuple(image_size))
+    return str(path)
+
+
+def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "ViT-B-16", weights: str | None = None,
+                    template: str = "a histopathology image of {}.", allow_random: bool = False) -> str:
+    """Encodes one prompt per class with a frozen open_clip text tower and saves the C x D prototypes.
+
+    Args:
+        out: output ``.pt`` file, then given to training as ``text_prototype_file``.
+        class_descriptions: one description per class, e.g. ``"['background stroma','colon gland']"``.
+        arch: open_clip architecture of the text tower. Defaults to ``ViT-B-16``.
+        weights: local weights file of that architecture.
+        template: prompt template; ``{}`` is replaced by each description.
+        allow_random: permit a random tower (for testing the pipeline only). Defaults to False.
+    """
+    if isinstance(class_descriptions, str):
+        class_descriptions = [class_descriptions]
+    if not weights and not allow_random:
+        raise ConfigError(
+            "text-prototypes needs --weights (a local text encoder file); prototypes from a random tower carry no "
+            "language prior. Pass --allow_random true only to test the pipeline."
+        )
+    model, tokenizer = build_text_tower(arch, weights)
+    custom = getattr(model, "text", None) is not None
+    prompts = [template.format(d) for d in class_descriptions]
+    with torch.no_grad():
+        vectors = F.normalize(_encode(model, custom, tokenizer(prompts)).float(), dim=-1)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"prototypes": vectors, "class_descriptions": list(class_descriptions), "prompts": prompts,
+                "arch": arch}, path)
+    logging.getLogger(__name__).info("Saved %d text prototypes of width %d to %s", *vectors.shape, path)
+    return str(path)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    fire.Fire({"demo-data": demo_data, "text-prototypes": text_prototypes})
+
+
+if __name__ == "__main__":
+    main()
