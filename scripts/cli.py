@@ -3,6 +3,7 @@
 Commands:
     demo-data         write the generated demo data set (what the main job uses) to a folder
     text-prototypes   compute fixed text prototypes once from a local text encoder, for ``text_source: file``
+    export-onnx       export a trained checkpoint to ONNX (dynamic batch, height, width) and check it against PyTorch
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from scripts.data import ensure_demo_dataset
 from scripts.errors import ConfigError
 from scripts.prototypes.text import _encode, build_text_tower
 
-__all__ = ["demo_data", "text_prototypes"]
+__all__ = ["demo_data", "text_prototypes", "export_onnx"]
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json"
 
 
 def demo_data(root: str, seed: int = 0, n_labeled: int = 8, n_unlabeled: int = 72, n_validation: int = 8,
@@ -62,9 +65,40 @@ def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "Vi
     return str(path)
 
 
+def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", config_file: str = str(REPO_CONFIG),
+                example_size: Sequence[int] = (2, 3, 256, 256), **overrides) -> str:
+    """Builds the network of ``config_file`` (with ``--key value`` overrides, as for training), loads ``ckpt``
+    strictly and exports it to ``out`` with dynamic batch, height and width; fails if ONNX Runtime and PyTorch
+    differ by more than 1e-4.
+
+    Example: ``python -m scripts.cli export-onnx --ckpt models/model.pt --out models/model.onnx``
+    """
+    from monai.bundle import ConfigParser
+
+    from scripts.deploy import export_onnx as export
+
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    for key, value in overrides.items():
+        parser[key] = value
+    network = parser.get_parsed_content("network_def")
+    if not Path(ckpt).is_file():
+        raise ConfigError(f"Checkpoint '{ckpt}' does not exist (--ckpt); train first or point at a model.pt.")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"Checkpoint '{ckpt}' does not fit the network of '{config_file}': {str(err).splitlines()[0]} Pass the "
+            "network overrides used in training (e.g. --encoder_name, --skip_channels)."
+        ) from err
+    return str(export(network, out, tuple(example_size)))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    fire.Fire({"demo-data": demo_data, "text-prototypes": text_prototypes})
+    fire.Fire({"demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx})
 
 
 if __name__ == "__main__":

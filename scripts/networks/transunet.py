@@ -13,7 +13,6 @@ input size) and non-square inputs work.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple, Sequence
 
@@ -242,7 +241,7 @@ class UNITransUNet(nn.Module):
         return groups
 
     def _check_size(self, x: torch.Tensor) -> None:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
             return  # export traces with symbolic sizes; callers there pass valid shapes
         if x.ndim != 4 or x.shape[1] != 3:
             raise ConfigError(f"UNITransUNet expects RGB images B x 3 x H x W, got shape {tuple(x.shape)}.")
@@ -268,7 +267,7 @@ class UNITransUNet(nn.Module):
         # The stem's stride-2 convolutions give ceil(size / 2) at each level; the decoder lands on the same grid.
         sizes, h, w = [], height, width
         for _ in range(3):
-            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            h, w = (h + 1) // 2, (w + 1) // 2  # integer ceil, which also holds for symbolic sizes in export
             sizes.append((h, w))
         return sizes[::-1] + [(height, width)]
 
