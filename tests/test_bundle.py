@@ -107,6 +107,11 @@ def test_evaluate_writes_per_image_metrics(trained, demo_data):
     with open(eval_dir / "metrics.csv") as handle:
         summary = dict(csv.reader(handle))
     assert float(summary["val_mean_dice"]) == pytest.approx(np.mean(per_image), abs=1e-6)
+    assert set(summary) >= {"val_mean_iou", "val_hd95", "val_asd", "val_object_f1", "val_object_dice", "val_object_hausdorff"}
+    for name in ("val_object_f1", "val_object_dice"):
+        with open(eval_dir / f"{name}_raw.csv") as handle:
+            values = [float(row["mean"]) for row in csv.DictReader(handle)]
+        assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
 
 
 def test_inference_masks_match_direct_sliding_window(trained, demo_data, tmp_path):
