@@ -4,6 +4,7 @@ Commands:
     demo-data         write the generated demo data set (what the main job uses) to a folder
     text-prototypes   compute fixed text prototypes once from a local text encoder, for ``text_source: file``
     export-onnx       export a trained checkpoint to ONNX (dynamic batch, height, width) and check it against PyTorch
+    prepare glas      write a datalist for GlaS (official layout, BMP or PNG) with a labeled ratio and a seed
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from scripts.data import ensure_demo_dataset
 from scripts.errors import ConfigError
 from scripts.prototypes.text import _encode, build_text_tower
 
-__all__ = ["demo_data", "text_prototypes", "export_onnx"]
+__all__ = ["demo_data", "text_prototypes", "export_onnx", "prepare_glas"]
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json"
 
@@ -96,9 +97,22 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     return str(export(network, out, tuple(example_size)))
 
 
+def prepare_glas(root: str, out: str = "datalist.json", labeled_ratio: float = 0.1, labeled_count: int | None = None,
+                 validation_ratio: float = 0.15, validation_count: int | None = None, seed: int = 0) -> str:
+    """GlaS datalist: stratified labeled / unlabeled / validation splits of the training images, test = testA + testB.
+
+    Example: ``python -m scripts.cli prepare glas --root /data/GlaS --labeled_ratio 0.1 --seed 0 --out datalist.json``
+    """
+    from scripts.data.adapters import glas_datalist
+
+    return str(glas_datalist(root, out, labeled_ratio=labeled_ratio, labeled_count=labeled_count,
+                             validation_ratio=validation_ratio, validation_count=validation_count, seed=seed))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    fire.Fire({"demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx})
+    fire.Fire({"demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx,
+               "prepare": {"glas": prepare_glas}})
 
 
 if __name__ == "__main__":

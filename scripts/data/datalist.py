@@ -79,7 +79,7 @@ def load_datalist(
             file = file if file.is_absolute() else base / file
             if not file.is_file():
                 problems.append(f"{field} of entry {index} of '{key}' not found: {file}")
-            item[field] = str(file)
+            item[field] = os.path.normpath(str(file))
         resolved.append(item)
     if problems:
         shown = "\n  ".join(problems[:20])

@@ -1,0 +1,79 @@
+"""What every data-set adapter shares: deterministic stratified splits and writing the datalist."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from scripts.errors import ConfigError
+
+__all__ = ["natural_key", "split_counts", "stratified_pick", "write_datalist", "resolve_count"]
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts ``train_2`` before ``train_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def resolve_count(total: int, ratio: float | None, count: int | None, what: str) -> int:
+    """How many of ``total`` items a ratio or an explicit count asks for (at least 1 when asked for any)."""
+    if count is not None:
+        if not 0 <= count <= total:
+            raise ConfigError(f"{what} count {count} is out of range: there are {total} images.")
+        return int(count)
+    if ratio is None or not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"{what} ratio {ratio} must be in [0, 1] (or give a count).")
+    return 0 if ratio == 0 else max(1, int(round(ratio * total)))
+
+
+def split_counts(group_sizes: Sequence[int], n: int) -> list[int]:
+    """Spread ``n`` picks over groups in proportion to their sizes (largest remainder, ties to the first group)."""
+    total = sum(group_sizes)
+    exact = [n * size / total for size in group_sizes]
+    counts = [int(np.floor(e)) for e in exact]
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def stratified_pick(names: Sequence[str], groups: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` names drawn without replacement, in proportion to each group's size, reproducibly from ``seed``."""
+    by_group: dict[str, list[str]] = {}
+    for name, group in zip(names, groups):
+        by_group.setdefault(group, []).append(name)
+    keys = sorted(by_group)
+    counts = split_counts([len(by_group[k]) for k in keys], n)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for key, count in zip(keys, counts):
+        members = sorted(by_group[key], key=natural_key)
+        picked += [members[i] for i in sorted(rng.permutation(len(members))[:count])]
+    return sorted(picked, key=natural_key)
+
+
+def write_datalist(sections: dict[str, list[dict]], out: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Writes a datalist whose paths are relative to its own folder (the default ``dataset_dir``)."""
+    out = Path(out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    content: dict = {}
+    for key, entries in sections.items():
+        content[key] = [
+            {k: (os.path.relpath(v, out.parent) if k in ("image", "label") else v) for k, v in entry.items()}
+            for entry in entries
+        ]
+    if extra:
+        content.update(extra)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def existing(paths: Iterable[Path]) -> list[Path]:
+    return [p for p in paths if p.is_file()]
