@@ -44,17 +44,21 @@ class EnsureRGBd(MapTransform):
 class PrepareLabeld(MapTransform):
     """Turns a mask into one channel of class indices.
 
-    Binary tasks (``num_classes=2``) take any value > 0 as foreground, which fits 0/255 masks and GlaS-style
-    instance-id masks alike. With more classes the mask must already hold indices 0..num_classes-1.
+    Binary tasks (``num_classes=2``) take any value above ``threshold`` as foreground: 0 fits 0/255 masks and
+    GlaS-style instance-id masks alike, 127 fits noisy 8-bit masks such as EBHI-SEG's or JPEG-compressed ones.
+    With more classes the mask must already hold indices 0..num_classes-1.
 
     Args:
         keys: mask keys. Defaults to ``"label"``.
         num_classes: number of classes including background. Defaults to 2.
+        threshold: foreground is ``mask > threshold`` in binary tasks (config key ``label_threshold``). Defaults to 0.
     """
 
-    def __init__(self, keys: KeysCollection = "label", num_classes: int = 2, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection = "label", num_classes: int = 2, threshold: float = 0,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.num_classes = num_classes
+        self.threshold = threshold
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -68,7 +72,7 @@ class PrepareLabeld(MapTransform):
                     )
                 mask = mask[:1]
             if self.num_classes == 2:
-                mask = (mask > 0).to(torch.float32)
+                mask = (mask > self.threshold).to(torch.float32)
             else:
                 if mask.min() < 0 or mask.max() >= self.num_classes or not torch.equal(mask, mask.round()):
                     raise ConfigError(
