@@ -5,10 +5,15 @@ Commands:
     text-prototypes   compute fixed text prototypes once from a local text encoder, for ``text_source: file``
     export-onnx       export a trained checkpoint to ONNX (dynamic batch, height, width) and check it against PyTorch
     prepare glas      write a datalist for GlaS (official layout, BMP or PNG) with a labeled ratio and a seed
+    prepare ebhi      write a datalist for EBHI-SEG (--preset ebhi_gland or ebhi_cancer)
+    prepare kpi       convert KPI patches (downsample or tile) and write their datalist
+    prepare folder    write a datalist for images/ + masks/ (+ unlabeled/) folders
+    prepare csv       write a datalist from a CSV of image, label, split
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -109,10 +114,27 @@ def prepare_glas(root: str, out: str = "datalist.json", labeled_ratio: float = 0
                              validation_ratio=validation_ratio, validation_count=validation_count, seed=seed))
 
 
+def _path_of(function):
+    """Wraps an adapter so the CLI prints the written datalist's path."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs) -> str:
+        return str(function(*args, **kwargs))
+
+    return run
+
+
+def _prepare_commands() -> dict:
+    from scripts.data import adapters
+
+    return {"glas": prepare_glas, "ebhi": _path_of(adapters.ebhi_datalist), "kpi": _path_of(adapters.kpi_datalist),
+            "folder": _path_of(adapters.folder_datalist), "csv": _path_of(adapters.csv_datalist)}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     fire.Fire({"demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx,
-               "prepare": {"glas": prepare_glas}})
+               "prepare": _prepare_commands()})
 
 
 if __name__ == "__main__":

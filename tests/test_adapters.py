@@ -95,3 +95,113 @@ def test_split_helpers():
     names = [f"n{i}" for i in range(10)]
     picked = stratified_pick(names, ["a"] * 5 + ["b"] * 5, 4, seed=0)
     assert len(picked) == 4 and sum(p in names[:5] for p in picked) == 2
+
+
+def rgb(path, h=16, w=16, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(path)
+
+
+def grey(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path)
+
+
+def fake_ebhi(root):
+    """Six class folders; 10 images each, Adenocarcinoma 20; one Polyp image without a label."""
+    from scripts.data.adapters import EBHI_CLASSES
+
+    for cls in EBHI_CLASSES:
+        for i in range(20 if cls == "Adenocarcinoma" else 10):
+            rgb(root / cls / "image" / f"GT{i}.png")
+            if not (cls == "Polyp" and i == 3):
+                grey(root / cls / "label" / f"GT{i}.png", np.full((16, 16), 200))
+    return root
+
+
+def test_ebhi_presets_classes_and_unlabeled_report(tmp_path, caplog):
+    from scripts.data.adapters import ebhi_datalist
+
+    root = fake_ebhi(tmp_path / "EBHI")
+    with caplog.at_level("WARNING"):
+        gland = json.loads(ebhi_datalist(root, tmp_path / "g.json", "ebhi_gland", labeled_ratio=0.5, seed=0).read_text())
+    assert "1 EBHI-SEG image(s) have no label" in caplog.text and "Polyp/image/GT3.png" in caplog.text
+    all_entries = [e for k in ("training", "unlabeled", "validation", "test") for e in gland[k]]
+    assert len(all_entries) == 50 and {e["class"] for e in all_entries} == {"Normal", "Polyp", "Low-grade IN", "High-grade IN", "Serrated adenoma"}
+    assert len(gland["test"]) == 10 and Counter(e["class"] for e in gland["test"]) == {c: 2 for c in {e["class"] for e in all_entries}}
+    assert any(e["image"].endswith("Polyp/image/GT3.png") for e in gland["unlabeled"])
+    cancer = json.loads(ebhi_datalist(root, tmp_path / "c.json", "ebhi_cancer", seed=0).read_text())
+    assert {e["class"] for k in ("training", "test") for e in cancer[k]} == {"Adenocarcinoma"}
+    with pytest.raises(ConfigError, match="lacks class folder"):
+        ebhi_datalist(tmp_path, tmp_path / "x.json")
+
+
+def fake_kpi(root):
+    base = root / "Task1_patch_level"
+    for split, models in (("train", ("DN", "normal")), ("validation", ("DN",)), ("test", ("DN",))):
+        for model in models:
+            for case in range(2):
+                for k in range(2):
+                    stem = f"case{case}_{k}"
+                    rgb(base / split / model / f"c{case}" / "img" / f"{stem}_img.jpg", 64, 64, 120)
+                    mask = np.zeros((64, 64))
+                    mask[8:40, 8:40] = 250
+                    mask[50:60, 50:60] = 90  # JPEG-like noise below the threshold
+                    grey(base / split / model / f"c{case}" / "mask" / f"{stem}_mask.jpg", mask)
+    return root
+
+
+@pytest.mark.parametrize("rule,expected_size,pieces", [("downsample", 16, 1), ("tile", 32, 4)])
+def test_kpi_rules_splits_and_masks(tmp_path, rule, expected_size, pieces):
+    from scripts.data.adapters import kpi_datalist
+
+    root = fake_kpi(tmp_path / "KPI")
+    path = kpi_datalist(root, tmp_path / "out" / "kpi.json", rule=rule, factor=4, tile_size=32, labeled_count=2, seed=0)
+    content = json.loads(path.read_text())
+    counts = {k: len(content[k]) for k in ("training", "unlabeled", "validation", "test")}
+    assert counts == {"training": 2 * pieces, "unlabeled": 6 * pieces, "validation": 4 * pieces, "test": 4 * pieces}
+    assert {e["model"] for e in content["training"]} == {"DN", "normal"}  # stratified by disease model
+    entry = load_datalist(path, None, "validation")[0]
+    mask = np.asarray(Image.open(entry["label"]))
+    assert Image.open(entry["image"]).size == (expected_size, expected_size)
+    assert set(np.unique(mask)) <= {0, 255}
+    if rule == "downsample":
+        assert (mask == 255).sum() == 8 * 8  # the 32x32 square at a quarter size; the faint square is dropped
+
+
+def test_folder_and_csv_layouts(tmp_path):
+    from scripts.data.adapters import csv_datalist, folder_datalist
+
+    root = tmp_path / "lab"
+    for i in range(10):
+        rgb(root / "images" / f"s{i}.png"), grey(root / "masks" / f"s{i}.tif", np.zeros((16, 16)))
+    for i in range(3):
+        rgb(root / "unlabeled" / f"u{i}.jpg")
+    content = json.loads(folder_datalist(root, tmp_path / "f.json", validation_ratio=0.2, test_ratio=0.1).read_text())
+    assert {k: len(content[k]) for k in ("training", "unlabeled", "validation", "test")} == {
+        "training": 7, "unlabeled": 3, "validation": 2, "test": 1}
+    (root / "images" / "orphan.png").write_bytes((root / "images" / "s0.png").read_bytes())
+    with pytest.raises(ConfigError, match="orphan.png: no mask named orphan"):
+        folder_datalist(root, tmp_path / "g.json")
+
+    table = tmp_path / "list.csv"
+    lines = ["image,label,split"] + [f"lab/images/s{i}.png,lab/masks/s{i}.tif," for i in range(8)]
+    lines += ["lab/images/s8.png,lab/masks/s8.tif,test", "lab/unlabeled/u0.jpg,,", "lab/unlabeled/u1.jpg,,unlabeled"]
+    table.write_text("\n".join(lines) + "\n")
+    content = json.loads(csv_datalist(table, tmp_path / "c.json", labeled_ratio=0.5, validation_ratio=0.25).read_text())
+    assert {k: len(content[k]) for k in ("training", "unlabeled", "validation", "test")} == {
+        "training": 3, "unlabeled": 5, "validation": 2, "test": 1}
+    table.write_text("image,label,split\nlab/images/s0.png,,validation\n")
+    with pytest.raises(ConfigError, match="line 2: split 'validation' needs a label"):
+        csv_datalist(table, tmp_path / "d.json")
+
+
+@pytest.mark.parametrize("preset", ["glas", "ebhi_gland", "ebhi_cancer", "kpi"])
+def test_dataset_presets_merge_over_train_json(preset):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundle/configs/train.json"), str(REPO / f"bundle/configs/datasets/{preset}.json")])
+    assert len(parser["class_descriptions"]) == parser["num_classes"] == len(parser["class_names"])
+    assert all(side % 16 == 0 for side in parser["roi_size"])
+    assert parser["label_threshold"] == (127 if preset.startswith("ebhi") else 0)

@@ -1,0 +1,104 @@
+"""KPIs 2024 patch task: ``Task1_patch_level/{train,validation,test}/<model>/<case>/img/*_img.jpg`` with
+``mask/*_mask.jpg``. Patches are large (2048 x 2048), so each is downsampled or tiled by a configurable rule
+into PNGs under an output folder; JPEG masks are thresholded at > 127 and written as 0 / 255.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from scripts.errors import ConfigError
+
+from .common import natural_key, resolve_count, stratified_pick, write_datalist
+
+__all__ = ["kpi_datalist"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = {"train": "training", "validation": "validation", "test": "test"}
+
+
+def _pieces(image: Image.Image, mask: Image.Image | None, rule: str, factor: int, tile_size: int):
+    """Yields (suffix, image, mask) after the rule: one downsampled pair, or the tiles of the full-size pair."""
+    if rule == "downsample":
+        size = (image.width // factor, image.height // factor)
+        yield "", image.resize(size, Image.BILINEAR), None if mask is None else mask.resize(size, Image.NEAREST)
+        return
+    for top in range(0, image.height - tile_size + 1, tile_size):
+        for left in range(0, image.width - tile_size + 1, tile_size):
+            box = (left, top, left + tile_size, top + tile_size)
+            yield f"_r{top // tile_size}c{left // tile_size}", image.crop(box), None if mask is None else mask.crop(box)
+
+
+def kpi_datalist(root: str | os.PathLike, out: str | os.PathLike, rule: str = "downsample", factor: int = 4,
+                 tile_size: int = 512, labeled_ratio: float | None = 0.1, labeled_count: int | None = None,
+                 seed: int = 0, mask_threshold: int = 127) -> Path:
+    """Converts KPI patches by ``rule`` and writes a datalist: the official train split gives the labeled (by
+    ratio, stratified by disease model) and unlabeled sets, validation and test stay as they are.
+
+    Args:
+        root: the folder holding ``Task1_patch_level`` (or that folder itself).
+        out: datalist JSON; converted images go to ``<its folder>/kpi_<rule>/``.
+        rule: ``downsample`` (by ``factor``) or ``tile`` (``tile_size`` squares, edges that do not fill a tile dropped).
+        factor: downsampling factor. Defaults to 4 (2048 -> 512).
+        tile_size: tile side for ``tile``. Defaults to 512.
+        labeled_ratio / labeled_count: labeled share of the train split (counted in patches, before tiling).
+        seed: split seed. Defaults to 0.
+        mask_threshold: mask pixels above it are glomerulus. Defaults to 127.
+    """
+    root = Path(root).expanduser()
+    base = root / "Task1_patch_level" if (root / "Task1_patch_level").is_dir() else root
+    if not base.is_dir():
+        raise ConfigError(f"KPI folder '{root}' does not exist (--root).")
+    if rule not in ("downsample", "tile"):
+        raise ConfigError(f"rule='{rule}' is not 'downsample' or 'tile'.")
+    if (rule == "downsample" and factor < 1) or (rule == "tile" and tile_size < 16):
+        raise ConfigError(f"factor={factor} / tile_size={tile_size} are out of range.")
+    out = Path(out).expanduser().resolve()
+    converted = out.parent / f"kpi_{rule}"
+    found: dict[str, list[tuple[str, str, Path, Path]]] = {}
+    problems = []
+    for split in SPLITS:
+        for image in sorted((base / split).glob("*/*/img/*_img.jpg"), key=lambda p: natural_key(str(p))):
+            mask = image.parent.parent / "mask" / image.name.replace("_img.jpg", "_mask.jpg")
+            if not mask.is_file():
+                problems.append(f"{image}: no mask {mask.name}")
+                continue
+            model = image.parent.parent.parent.name
+            found.setdefault(split, []).append((f"{split}/{model}/{image.stem}", model, image, mask))
+    if problems:
+        raise ConfigError(f"KPI folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+    if not found.get("train"):
+        raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches.")
+    train = found["train"]
+    names = [t[0] for t in train]
+    n_lab = resolve_count(len(names), None if labeled_count is not None else labeled_ratio, labeled_count, "labeled")
+    labeled = set(stratified_pick(names, [t[1] for t in train], n_lab, seed))
+
+    sections: dict[str, list[dict]] = {"training": [], "unlabeled": [], "validation": [], "test": []}
+    for split, items in found.items():
+        for name, model, image_path, mask_path in items:
+            section = SPLITS[split] if split != "train" else ("training" if name in labeled else "unlabeled")
+            image = Image.open(image_path).convert("RGB")
+            mask = Image.fromarray(((np.asarray(Image.open(mask_path).convert("L")) > mask_threshold) * 255).astype(np.uint8))
+            for suffix, img, msk in _pieces(image, mask, rule, factor, tile_size):
+                stem = f"{model}_{image_path.stem}{suffix}"
+                target = converted / split / "images" / f"{stem}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                img.save(target)
+                entry = {"image": str(target), "model": model}
+                if section != "unlabeled":
+                    mask_target = converted / split / "masks" / f"{stem}.png"
+                    mask_target.parent.mkdir(parents=True, exist_ok=True)
+                    msk.save(mask_target)
+                    entry["label"] = str(mask_target)
+                sections[section].append(entry)
+    path = write_datalist(sections, out, extra={"source": {"dataset": "kpi", "root": str(root.resolve()), "rule": rule,
+                                                           "factor": factor, "tile_size": tile_size, "seed": seed}})
+    logger.info("KPI datalist %s: %s", path, {k: len(v) for k, v in sections.items()})
+    return path
