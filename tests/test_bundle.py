@@ -92,11 +92,19 @@ def test_training_resumes_from_last_checkpoint(trained, demo_data, tmp_path):
     assert state["trainer"]["iteration"] == 6
 
 
-def test_evaluate_writes_per_image_metrics(trained, demo_data):
+def test_evaluate_writes_per_image_metrics_summary_and_overlays(trained, demo_data, tmp_path):
+    import json
+
     out, _ = trained
     eval_dir = out / "eval"
+    # the same demo data, with the test images tagged as two subsets, as the GlaS adapter tags testA / testB
+    content = json.loads(Path(demo_data).read_text())
+    for entry, subset in zip(content["test"], ("testA", "testB")):
+        entry["subset"] = subset
+    tagged = Path(demo_data).parent / "tagged_datalist.json"
+    tagged.write_text(json.dumps(content))
     run_bundle(
-        "evaluating", EVALUATE, "--datalist", demo_data, *TINY_NET,
+        "evaluating", EVALUATE, "--datalist", tagged, *TINY_NET,
         "--ckpt_dir", out / "models", "--output_dir", out / "runs", "--eval_dir", eval_dir,
     )
     with open(eval_dir / "val_mean_dice_raw.csv") as handle:
@@ -112,6 +120,18 @@ def test_evaluate_writes_per_image_metrics(trained, demo_data):
         with open(eval_dir / f"{name}_raw.csv") as handle:
             values = [float(row["mean"]) for row in csv.DictReader(handle)]
         assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
+
+    # the report: one row per image with its subset, a summary overall and per subset, one overlay per image
+    with open(eval_dir / "per_image.csv") as handle:
+        report = list(csv.DictReader(handle))
+    assert [r["subset"] for r in report] == ["testA", "testB"]
+    assert [float(r["val_mean_dice"]) for r in report] == pytest.approx(per_image, abs=1e-6)
+    result = json.loads((eval_dir / "summary.json").read_text())
+    assert result["overall"]["val_mean_dice"]["mean"] == pytest.approx(np.mean(per_image), abs=1e-6)
+    assert result["by_subset"]["testB"]["val_mean_dice"]["mean"] == pytest.approx(per_image[1], abs=1e-6)
+    assert result["by_subset"]["testA"]["val_mean_dice"]["std"] == 0.0
+    overlay = np.asarray(Image.open(eval_dir / "overlays" / "demo_0000_overlay.png"))
+    assert overlay.shape == (96, 128, 3)
 
 
 def test_inference_masks_match_direct_sliding_window(trained, demo_data, tmp_path):

@@ -74,3 +74,14 @@ def test_empty_masks():
     assert object_f1(empty, empty) == 1.0 and object_dice(empty, empty) == 1.0 and object_hausdorff(empty, empty) == 0
     assert object_f1(empty, truth) == 0.0 and object_dice(empty, truth) == 0.0
     assert math.isinf(object_hausdorff(empty, truth))
+
+
+def test_overlay_draws_prediction_green_and_truth_yellow():
+    from scripts.handlers import draw_overlay
+
+    image = np.full((20, 20, 3), 100, np.uint8)
+    pred = square(np.zeros((20, 20), np.uint8), 2, 2, 8)
+    truth = square(np.zeros((20, 20), np.uint8), 10, 10, 8)
+    out = draw_overlay(image, pred, truth, width=1)
+    assert tuple(out[2, 5]) == (0, 255, 0) and tuple(out[10, 12]) == (255, 255, 0)
+    assert tuple(out[5, 5]) == (100, 100, 100) and tuple(out[0, 19]) == (100, 100, 100)

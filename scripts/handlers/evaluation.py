@@ -1,0 +1,120 @@
+"""The evaluation report: a per-image CSV, a summary JSON (overall and per subset) and contour overlays."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image
+from scipy import ndimage
+
+__all__ = ["EvaluationReport", "draw_overlay"]
+
+logger = logging.getLogger(__name__)
+
+PRED_COLOUR, TRUTH_COLOUR = (0, 255, 0), (255, 255, 0)
+
+
+def _contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+
+
+def draw_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None, width: int = 2) -> np.ndarray:
+    """The RGB image with the prediction's contours in green and the ground truth's in yellow."""
+    out = np.array(image[..., :3], dtype=np.uint8, copy=True)
+    if truth is not None:
+        out[_contour(truth > 0, width)] = TRUTH_COLOUR
+    out[_contour(pred > 0, width)] = PRED_COLOUR
+    return out
+
+
+def _stats(values: Sequence[float]) -> dict:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return {
+        "mean": float(np.mean(finite)) if finite else None,
+        "std": float(np.std(finite)) if finite else None,
+        "n": len(finite),
+        "n_not_finite": len(values) - len(finite),
+    }
+
+
+class EvaluationReport:
+    """Writes ``per_image.csv``, ``summary.json`` and, optionally, ``overlays/<name>_overlay.png``.
+
+    Per-image values come from the evaluator's metric details (the metrics are computed once, by their
+    handlers). Rows carry the datalist's grouping fields when present (``subset`` for GlaS testA / testB,
+    ``class`` for EBHI-SEG, ``grade``, ``model``), and the summary gives mean, std and count overall and for each
+    value of each grouping field.
+
+    Args:
+        output_dir: folder for the report.
+        metric_names: metrics of the evaluator to report (each must keep its details).
+        group_keys: datalist fields to group by. Defaults to ``("subset", "class", "grade", "model")``.
+        overlays: write contour overlays. Defaults to True.
+    """
+
+    def __init__(self, output_dir: str, metric_names: Sequence[str],
+                 group_keys: Sequence[str] = ("subset", "class", "grade", "model"), overlays: bool = True):
+        self.output_dir = Path(output_dir)
+        self.metric_names = list(metric_names)
+        self.group_keys = list(group_keys)
+        self.overlays = overlays
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        batch, output = engine.state.batch, engine.state.output
+        for item, out in zip(batch, output):
+            source = str(getattr(item["image"], "meta", {}).get("filename_or_obj", f"image_{len(self.rows)}"))
+            row = {"image": source}
+            for key in self.group_keys:
+                if key in item:
+                    row[key] = str(item[key])
+            self.rows.append(row)
+            if self.overlays:
+                pred = out["pred"]
+                pred = (pred.argmax(0) if pred.shape[0] > 1 else pred[0]).cpu().numpy()
+                label = out.get("label")
+                truth = None if label is None else (label.argmax(0) if label.shape[0] > 1 else label[0]).cpu().numpy()
+                rgb = np.asarray(Image.open(source).convert("RGB"))
+                folder = self.output_dir / "overlays"
+                folder.mkdir(parents=True, exist_ok=True)
+                stem = os.path.splitext(os.path.basename(source))[0]
+                Image.fromarray(draw_overlay(rgb, pred, truth)).save(folder / f"{stem}_overlay.png")
+
+    def _write(self, engine: Engine) -> None:
+        details = getattr(engine.state, "metric_details", {})
+        for name in self.metric_names:
+            values = details.get(name)
+            if values is None:
+                raise KeyError(f"EvaluationReport: metric '{name}' kept no per-image details (save_details).")
+            values = torch.as_tensor(values).float().reshape(len(self.rows), -1).nanmean(dim=1)
+            for row, value in zip(self.rows, values.tolist()):
+                row[name] = value
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        columns = ["image"] + [k for k in self.group_keys if any(k in r for r in self.rows)] + self.metric_names
+        with open(self.output_dir / "per_image.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        summary: dict = {"n_images": len(self.rows), "overall": {m: _stats([r[m] for r in self.rows]) for m in self.metric_names}}
+        for key in self.group_keys:
+            groups = sorted({r[key] for r in self.rows if key in r})
+            if groups:
+                summary[f"by_{key}"] = {
+                    g: {m: _stats([r[m] for r in self.rows if r.get(key) == g]) for m in self.metric_names} for g in groups
+                }
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("Evaluation report written to %s (%d images)", self.output_dir, len(self.rows))
