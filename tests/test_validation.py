@@ -41,6 +41,7 @@ def broken(tmp_path):
             {"image": "corrupt.png", "label": "ok_mask.png"},
             {"image": "small.png", "label": "small_mask.png"},
             {"image": "colour.png", "label": "colour_mask.png"},
+            {"image": "gone.png", "label": "ok_mask.png"},
         ],
         "unlabeled": [{"image": "u.png"}, {"image": "ok.png"}],
         "validation": [{"image": "v.png", "label": "v_mask.png"}],
@@ -54,10 +55,11 @@ def test_every_problem_in_one_report(broken):
     with pytest.raises(ConfigError) as err:
         checked_datalist(broken)
     message = str(err.value)
-    assert "has 4 invalid entries" in message
+    assert "has 5 invalid entries" in message
     assert "cannot read" in message and "corrupt.png" in message
     assert "small_mask.png is 8x8 but its image" in message and "is 20x16" in message
     assert "colour_mask.png is a colour image" in message
+    assert "gone.png not found" in message
     assert "[unlabeled]" in message and "ok.png is listed twice (also in 'training')" in message
     assert "drop_invalid" in message
 
@@ -68,7 +70,7 @@ def test_drop_invalid_keeps_the_sound_entries_and_says_which(broken, caplog):
     assert [Path(e["image"]).name for e in sections["training"]] == ["ok.png"]
     assert [Path(e["image"]).name for e in sections["unlabeled"]] == ["u.png"]
     assert len(sections["validation"]) == 1
-    assert "Dropped 4 invalid entries" in caplog.text and "corrupt.png" in caplog.text
+    assert "Dropped 5 invalid entries" in caplog.text and "corrupt.png" in caplog.text
 
 
 def test_multiclass_mask_values_outside_the_classes(tmp_path):
@@ -99,5 +101,5 @@ def test_training_run_stops_before_it_starts(broken, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode != 0
-    assert f"ERROR: Datalist '{broken}' has 4 invalid entries" in result.stderr
+    assert f"ERROR: Datalist '{broken}' has 5 invalid entries" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "models" / "checkpoint.pt").exists()

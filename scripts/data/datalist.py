@@ -22,6 +22,7 @@ def load_datalist(
     dataset_dir: str | os.PathLike | None = None,
     key: str = "training",
     require_label: bool = True,
+    check_files: bool = True,
 ) -> list[dict]:
     """Reads one section of a datalist and resolves its paths, checking that every file exists.
 
@@ -34,6 +35,8 @@ def load_datalist(
             datalist's own folder.
         key: the section to read. Defaults to ``"training"``.
         require_label: whether every entry needs a ``label``. Defaults to True.
+        check_files: report files that do not exist. Defaults to True; ``checked_datalist`` reports them itself,
+            together with every other problem.
 
     Raises:
         ConfigError: for a missing file or folder, malformed JSON, a missing or empty section, entries without
@@ -77,7 +80,7 @@ def load_datalist(
                 continue
             file = Path(item[field]).expanduser()
             file = file if file.is_absolute() else base / file
-            if not file.is_file():
+            if check_files and not file.is_file():
                 problems.append(f"{field} of entry {index} of '{key}' not found: {file}")
             item[field] = os.path.normpath(str(file))
         resolved.append(item)

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 def _read(path: str) -> tuple[np.ndarray | None, str | None]:
+    if not os.path.isfile(path):
+        return None, f"{path} not found"
     try:
         with Image.open(path) as handle:
             handle.load()
@@ -70,7 +72,7 @@ def checked_datalist(datalist: str | os.PathLike, dataset_dir: str | os.PathLike
                      require_unlabeled: bool = True, drop_invalid: bool = False) -> dict[str, list[dict]]:
     """Loads and checks the given sections of a datalist; returns ``{section: entries}``.
 
-    Problems found: missing files and malformed entries (from ``load_datalist``), unreadable or corrupt images,
+    Problems found: missing files, unreadable or corrupt images,
     masks whose size differs from their image, colour masks, mask values outside the classes, the same image
     listed twice (within or across sections), and an empty unlabeled set when the method needs one.
 
@@ -83,26 +85,27 @@ def checked_datalist(datalist: str | os.PathLike, dataset_dir: str | os.PathLike
         drop_invalid: leave invalid entries out (and say which) instead of stopping (config key ``drop_invalid``).
 
     Raises:
-        ConfigError: listing every problem, unless ``drop_invalid`` (structural problems always stop the run).
+        ConfigError: listing every problem, unless ``drop_invalid``; a missing datalist or section, or an entry
+            without ``image`` / ``label``, always stops the run (``load_datalist``).
     """
     loaded: dict[str, list[dict]] = {}
     for section in sections:
         if section == "unlabeled" and not require_unlabeled:
             try:
-                loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=False)
+                loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=False, check_files=False)
             except ConfigError:
                 loaded[section] = []
             continue
         if section == "unlabeled":
             try:
-                loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=False)
+                loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=False, check_files=False)
             except ConfigError as err:
                 raise ConfigError(
                     f"{err} The method is semi-supervised and needs unlabeled images: add an 'unlabeled' section, or "
                     "set 'method' to 'supervised'."
                 ) from err
             continue
-        loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=True)
+        loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=True, check_files=False)
 
     problems: list[str] = []
     seen: dict[str, str] = {}
