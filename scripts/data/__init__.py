@@ -4,7 +4,7 @@ from .datalist import demo_cache_dir, list_images, load_datalist
 from .validation import check_entries, checked_datalist
 from .synthetic import ensure_demo_dataset, generate_demo_dataset, synthesize_tile
 from .views import AddValidMaskd, RandCutMixBoxd, RandStrongAugmentd
-from .transforms import IMAGENET_MEAN_255, IMAGENET_STD_255, EnsureRGBd, PrepareLabeld, SaveMaskd, check_roi_size
+from .transforms import IMAGENET_MEAN_255, IMAGENET_STD_255, EnsureRGBd, PrepareLabeld, check_roi_size
 
 __all__ = [
     "demo_cache_dir",
@@ -20,7 +20,6 @@ __all__ = [
     "RandStrongAugmentd",
     "EnsureRGBd",
     "PrepareLabeld",
-    "SaveMaskd",
     "check_roi_size",
     "IMAGENET_MEAN_255",
     "IMAGENET_STD_255",

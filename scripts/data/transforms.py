@@ -10,7 +10,7 @@ from monai.transforms import MapTransform
 
 from scripts.errors import ConfigError
 
-__all__ = ["EnsureRGBd", "PrepareLabeld", "SaveMaskd", "check_roi_size", "IMAGENET_MEAN_255", "IMAGENET_STD_255"]
+__all__ = ["EnsureRGBd", "PrepareLabeld", "check_roi_size", "IMAGENET_MEAN_255", "IMAGENET_STD_255"]
 
 # ImageNet statistics on the 0..255 scale that LoadImage returns (UNI was trained with them).
 IMAGENET_MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -96,44 +96,3 @@ def check_roi_size(roi_size: Sequence[int], patch_size: int, key: str = "roi_siz
     return sizes
 
 
-
-class SaveMaskd(MapTransform):
-    """Writes each predicted mask as ``<output_dir>/<image name>_<postfix>.png`` in the image's own row/column order.
-
-    Args:
-        keys: the prediction key, one channel of class indices. Defaults to ``"pred"``.
-        output_dir: output folder, created if needed.
-        source_key: the key whose ``filename_or_obj`` names the output. Defaults to ``"image"``.
-        postfix: appended to the image's file stem. Defaults to ``"mask"``.
-        scale: multiply class indices by this (255 makes binary masks visible as 0 / 255); None keeps the
-            indices. Defaults to None.
-    """
-
-    def __init__(self, keys: KeysCollection = "pred", output_dir: str = "masks", source_key: str = "image",
-                 postfix: str = "mask", scale: int | None = None):
-        super().__init__(keys)
-        self.output_dir = output_dir
-        self.source_key = source_key
-        self.postfix = postfix
-        self.scale = scale
-
-    def __call__(self, data: Mapping) -> dict:
-        import os
-
-        import numpy as np
-        from PIL import Image
-
-        d = dict(data)
-        source = _source(d, self.source_key)
-        stem = os.path.splitext(os.path.basename(source))[0]
-        os.makedirs(self.output_dir, exist_ok=True)
-        for key in self.key_iterator(d):
-            mask = d[key]
-            mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-            mask = mask[0] if mask.ndim == 3 else mask
-            values = mask.astype(np.int64) * (self.scale or 1)
-            if values.max(initial=0) > 255:
-                raise ConfigError(f"Mask for '{source}' has values up to {values.max()}; lower 'mask_scale'.")
-            path = os.path.join(self.output_dir, f"{stem}_{self.postfix}.png")
-            Image.fromarray(values.astype(np.uint8)).save(path)
-        return d

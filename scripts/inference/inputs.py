@@ -1,0 +1,55 @@
+"""Inference inputs: every image of a folder is opened first; unreadable ones are reported, the rest processed."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ignite.engine import Engine, Events
+from PIL import Image, UnidentifiedImageError
+
+from scripts.data.datalist import list_images
+from scripts.errors import ConfigError
+
+__all__ = ["InferenceInputs", "scan_inputs"]
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceInputs:
+    """The readable images of an input folder (``items``) and those that could not be read (``failures``).
+
+    Attach it to the inference engine as a handler: when the run completes it raises a ``ConfigError`` naming
+    every failed file, so the process exits with a non-zero status after the readable images were segmented.
+    """
+
+    def __init__(self, items: list[dict], failures: list[str], source: str):
+        self.items, self.failures, self.source = items, failures, source
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.failures:
+            total = len(self.items) + len(self.failures)
+            raise ConfigError(
+                f"{len(self.failures)} of {total} images in '{self.source}' could not be read and were skipped "
+                f"(the other {len(self.items)} were segmented):\n  " + "\n  ".join(self.failures)
+            )
+
+
+def scan_inputs(input_dir: str | os.PathLike) -> InferenceInputs:
+    """Opens every image of ``input_dir`` once; unreadable files are logged and kept for the final report."""
+    items, failures = [], []
+    for item in list_images(input_dir):
+        try:
+            with Image.open(item["image"]) as handle:
+                handle.load()
+            items.append(item)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            failures.append(f"{item['image']}: {err}")
+            logger.error("Cannot read %s (%s); it is skipped and reported at the end.", item["image"], err)
+    if not items:
+        raise ConfigError(f"None of the images in '{input_dir}' could be read:\n  " + "\n  ".join(failures))
+    return InferenceInputs(items, failures, str(Path(input_dir)))
