@@ -103,3 +103,18 @@ def test_presets():
     assert resolve_method("mpamatch", lambda_txt=0.5).lambda_txt == 0.5
     with pytest.raises(ConfigError, match="Unknown method 'meanteacher'"):
         resolve_method("meanteacher")
+
+
+def test_contrast_pixels_stay_aligned_with_their_targets():
+    from scripts.engines import gather_contrast_pixels
+
+    torch.manual_seed(0)
+    targets = [torch.randint(0, 3, (2, 4, 5)), torch.randint(0, 3, (3, 4, 5))]
+    keeps = [torch.ones(2, 4, 5, dtype=torch.bool), torch.rand(3, 4, 5) > 0.3]
+    # each pixel's embedding carries its own target and the index of its map, so any misalignment shows
+    embeddings = [torch.stack([t.float(), torch.full_like(t, b, dtype=torch.float32)], dim=1) for b, t in enumerate(targets)]
+    pixels, target, block = gather_contrast_pixels(embeddings, targets, keeps, num_classes=3, max_per_class=7)
+    assert torch.equal(pixels[:, 0].long(), target)
+    assert torch.equal(pixels[:, 1].long(), block)
+    assert torch.bincount(target, minlength=3).tolist() == [7, 7, 7]
+    assert set(block.tolist()) == {0, 1}

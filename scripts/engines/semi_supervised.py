@@ -35,7 +35,7 @@ from scripts.losses import cutmix_targets, masked_cross_entropy, prototype_infon
 from scripts.networks import TransUNetOutput
 from scripts.prototypes import PrototypeBank, TextPrototypes
 
-__all__ = ["SemiSupervisedTrainer", "TrainingDivergedError", "epoch_seed"]
+__all__ = ["SemiSupervisedTrainer", "TrainingDivergedError", "epoch_seed", "gather_contrast_pixels"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,26 @@ def _gather_pixels(embeddings: torch.Tensor, flat_index: torch.Tensor) -> torch.
     batch, dim, height, width = embeddings.shape
     image, pixel = flat_index // (height * width), flat_index % (height * width)
     return embeddings.flatten(2)[image, :, pixel]
+
+
+def gather_contrast_pixels(embeddings: list[torch.Tensor], targets: list[torch.Tensor], keeps: list[torch.Tensor],
+                           num_classes: int, max_per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples at most ``max_per_class`` kept pixels per class over several B x D x h x w embedding maps.
+
+    Returns the N x D pixel embeddings, their N targets and the N indices of the map each came from (0 for the
+    first map, the labeled one), all in the same order.
+    """
+    counts = [e.shape[0] * e.shape[2] * e.shape[3] for e in embeddings]
+    offsets = np.cumsum([0, *counts])
+    target = torch.cat([t.reshape(-1) for t in targets])
+    keep = torch.cat([k.reshape(-1) for k in keeps])
+    index = sample_pixels_per_class(target, keep, num_classes, max_per_class).sort().values
+    pixels = torch.cat([
+        _gather_pixels(emb, index[(index >= lo) & (index < hi)] - lo)
+        for emb, lo, hi in zip(embeddings, offsets[:-1], offsets[1:])
+    ]).float()
+    block = torch.bucketize(index, torch.as_tensor(offsets[1:-1], device=index.device), right=True)
+    return pixels, target[index], block
 
 
 def _forward(network: torch.nn.Module, images: torch.Tensor, need_fp: bool = False, need_embed: bool = False
@@ -304,16 +324,7 @@ class SemiSupervisedTrainer(Trainer):
 
     def _contrast(self, embeddings: list, targets: list, keeps: list, num_classes: int, losses: dict) -> torch.Tensor:
         """L_img and L_txt on sampled labeled and confident strong-view pixels; stores the bank's batch prototypes."""
-        counts = [e.shape[0] * e.shape[2] * e.shape[3] for e in embeddings]
-        offsets = np.cumsum([0, *counts])
-        target = torch.cat([t.reshape(-1) for t in targets])
-        keep = torch.cat([k.reshape(-1) for k in keeps])
-        index = sample_pixels_per_class(target, keep, num_classes, self.pixels_per_class)
-        pixels = torch.cat([
-            _gather_pixels(emb, index[(index >= lo) & (index < hi)] - lo)
-            for emb, lo, hi in zip(embeddings, offsets[:-1], offsets[1:])
-        ]).float()
-        pixel_target = target[index]
+        pixels, pixel_target, block = gather_contrast_pixels(embeddings, targets, keeps, num_classes, self.pixels_per_class)
         ramp = self._contrast_ramp()
         total = pixels.sum() * 0.0
         if self.method.lambda_img > 0:
@@ -322,7 +333,7 @@ class SemiSupervisedTrainer(Trainer):
                                                        self.image_temperature)
                 total = total + ramp * self.method.lambda_img * losses["loss_img"]
             # The bank pools labeled pixels (the first block), and optionally the confident strong-view ones.
-            pooled = index < offsets[1] if not self.prototype_from_pseudo else torch.ones_like(index, dtype=torch.bool)
+            pooled = block == 0 if not self.prototype_from_pseudo else torch.ones_like(block, dtype=torch.bool)
             self.state.prototype_batch = self.prototype_bank.batch_prototypes(pixels.detach(), pixel_target, pooled)
         if self.method.lambda_txt > 0:
             text = self.text_prototypes()

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (speed, memory); run them as ``python -m scripts.benchmarks.<name>``."""
