@@ -4,6 +4,7 @@ Commands:
     demo-data         write the generated demo data set (what the main job uses) to a folder
     text-prototypes   compute fixed text prototypes once from a local text encoder, for ``text_source: file``
     export-onnx       export a trained checkpoint to ONNX (dynamic batch, height, width) and check it against PyTorch
+    pack              assemble dist/<bundle_name>/ (configs, scripts, models, docs, LICENSE) for MONAI's tools
     prepare glas      write a datalist for GlaS (official layout, BMP or PNG) with a labeled ratio and a seed
     prepare ebhi      write a datalist for EBHI-SEG (--preset ebhi_gland or ebhi_cancer)
     prepare kpi       convert KPI patches (downsample or tile) and write their datalist
@@ -131,9 +132,22 @@ def _prepare_commands() -> dict:
             "folder": _path_of(adapters.folder_datalist), "csv": _path_of(adapters.csv_datalist)}
 
 
+def pack(out_dir: str = "dist", model: str | None = None) -> str:
+    """Assembles ``<out_dir>/mpamatch_gland_segmentation/`` and prints its path.
+
+    Check it with MONAI's tools from inside the folder::
+
+        python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath scripts/deploy/meta_schema.json
+        python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json --config_file configs/inference.json
+    """
+    from scripts.deploy import pack_bundle
+
+    return str(pack_bundle(out_dir, model=model))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    fire.Fire({"demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx,
+    fire.Fire({"pack": pack, "demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx,
                "prepare": _prepare_commands()})
 
 
