@@ -83,3 +83,20 @@ def test_checkpoint_that_does_not_fit_is_named(exported, tmp_path):
                   "--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}"])
     assert result.returncode != 0
     assert f"ERROR: Checkpoint '{folder / 'model.pt'}' does not fit the network" in result.stderr
+
+
+def test_monai_bundle_onnx_export_with_dynamo(exported, tmp_path):
+    network, folder = exported
+    result = run(["-m", "monai.bundle", "onnx_export", "network_def", "--filepath", tmp_path / "monai.onnx",
+                  "--ckpt_file", folder / "model.pt", "--key_in_ckpt", "model",
+                  "--config_file", REPO / "bundle/configs/inference.json", "--input_shape", "[2,3,64,64]",
+                  "--use_trace", "true", "--converter_kwargs",
+                  "{'dynamo': True, 'dynamic_axes': {'x': {0: 'batch', 2: 'height', 3: 'width'}}}", *NET_ARGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    segmenter = OnnxSegmenter(tmp_path / "monai.onnx", num_classes=2, providers=["CPUExecutionProvider"])
+    for shape in [(2, 3, 64, 64), (1, 3, 96, 32)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = network(x)
+        assert segmenter(x).shape == expected.shape
+        assert float((segmenter(x) - expected).abs().max()) <= 1e-4

@@ -122,10 +122,13 @@ class OnnxSegmenter(nn.Module):
             )
         self.num_classes = num_classes
         self.path = str(path)
+        # Our exporter names the tensors image / pred; MONAI's onnx_export leaves the exporter's names (x, ...).
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().numpy()
-        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0]
+        logits = self.session.run([self.output_name], {self.input_name: array})[0]
         return torch.from_numpy(logits).to(x.device)
 
 
