@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from scripts.data import ensure_demo_dataset
 from scripts.errors import ConfigError
-from scripts.prototypes.text import _encode, build_text_tower
+from scripts.prototypes.text import build_text_tower, encode_text_features
 
 __all__ = ["demo_data", "text_prototypes", "export_onnx", "prepare_glas"]
 
@@ -63,7 +63,7 @@ def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "Vi
     custom = getattr(model, "text", None) is not None
     prompts = [template.format(d) for d in class_descriptions]
     with torch.no_grad():
-        vectors = F.normalize(_encode(model, custom, tokenizer(prompts)).float(), dim=-1)
+        vectors = F.normalize(encode_text_features(model, custom, tokenizer(prompts)).float(), dim=-1)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"prototypes": vectors, "class_descriptions": list(class_descriptions), "prompts": prompts,

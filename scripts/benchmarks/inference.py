@@ -23,7 +23,6 @@ __all__ = ["main"]
 
 
 def _measure(backend: str, kind: str, encoder_name: str, tiles: int, repeats: int, onnx_path: str) -> dict:
-    import numpy as np
     import torch
     from monai.bundle import ConfigParser
 

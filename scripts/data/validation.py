@@ -90,22 +90,18 @@ def checked_datalist(datalist: str | os.PathLike, dataset_dir: str | os.PathLike
     """
     loaded: dict[str, list[dict]] = {}
     for section in sections:
-        if section == "unlabeled" and not require_unlabeled:
-            try:
-                loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=False, check_files=False)
-            except ConfigError:
-                loaded[section] = []
-            continue
-        if section == "unlabeled":
-            try:
-                loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=False, check_files=False)
-            except ConfigError as err:
+        unlabeled = section == "unlabeled"
+        try:
+            loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=not unlabeled, check_files=False)
+        except ConfigError as err:
+            if not unlabeled:
+                raise
+            if require_unlabeled:
                 raise ConfigError(
                     f"{err} The method is semi-supervised and needs unlabeled images: add an 'unlabeled' section, or "
                     "set 'method' to 'supervised'."
                 ) from err
-            continue
-        loaded[section] = load_datalist(datalist, dataset_dir, section, require_label=True, check_files=False)
+            loaded[section] = []
 
     problems: list[str] = []
     seen: dict[str, str] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Hashable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from monai.config import KeysCollection

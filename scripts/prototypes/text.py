@@ -27,7 +27,7 @@ from scripts.errors import ConfigError
 from scripts.networks.encoders import read_state_dict
 
 __all__ = ["TextPrototypes", "PromptTextPrototypes", "FixedTextPrototypes", "RandomTextPrototypes",
-           "build_text_prototypes", "build_text_tower"]
+           "build_text_prototypes", "build_text_tower", "encode_text_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class PromptTextPrototypes(TextPrototypes):
         tower = model.text if custom else model
         width = tower.token_embedding.embedding_dim
         with torch.no_grad():
-            out_dim = _encode(model, custom, tokenizer(["tissue"])).shape[-1]
+            out_dim = encode_text_features(model, custom, tokenizer(["tissue"])).shape[-1]
         super().__init__(embed_dim, out_dim, temperature, learnable_scale)
         if not class_descriptions:
             raise ConfigError("class_descriptions is empty (config key 'class_descriptions'); give one per class.")
@@ -194,7 +194,7 @@ class PromptTextPrototypes(TextPrototypes):
         return tower.token_embedding.ctx
 
     def raw_prototypes(self) -> torch.Tensor:
-        return _encode(self.model, self.custom_text, self.token_ids).float()
+        return encode_text_features(self.model, self.custom_text, self.token_ids).float()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -202,7 +202,7 @@ class PromptTextPrototypes(TextPrototypes):
         return self
 
 
-def _encode(model: nn.Module, custom_text: bool, token_ids: torch.Tensor) -> torch.Tensor:
+def encode_text_features(model: nn.Module, custom_text: bool, token_ids: torch.Tensor) -> torch.Tensor:
     """Pooled, projected text features; CoCa-style towers also return token features, which are dropped."""
     features = model.text(token_ids) if custom_text else model.encode_text(token_ids)
     return features[0] if isinstance(features, tuple) else features

@@ -6,7 +6,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -74,6 +74,3 @@ def write_datalist(sections: dict[str, list[dict]], out: str | os.PathLike, extr
     os.replace(tmp, out)
     return out
 
-
-def existing(paths: Iterable[Path]) -> list[Path]:
-    return [p for p in paths if p.is_file()]

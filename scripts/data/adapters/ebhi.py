@@ -10,6 +10,7 @@ import logging
 import os
 from pathlib import Path
 
+from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
 from .common import natural_key, resolve_count, stratified_pick, write_datalist
@@ -23,7 +24,6 @@ EBHI_PRESETS = {
     "ebhi_gland": ("Normal", "Polyp", "Low-grade IN", "High-grade IN", "Serrated adenoma"),
     "ebhi_cancer": ("Adenocarcinoma",),
 }
-SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _normal(name: str) -> str:
@@ -67,7 +67,7 @@ def ebhi_datalist(root: str | os.PathLike, out: str | os.PathLike, preset: str =
             problems.append(f"{image_dir} does not exist")
             continue
         labels = {p.name: p for p in label_dir.iterdir() if p.is_file()} if label_dir.is_dir() else {}
-        images = sorted((p for p in image_dir.iterdir() if p.suffix.lower() in SUFFIXES), key=lambda p: natural_key(p.name))
+        images = sorted((p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
         for image in images:
             key = f"{cls}/{image.name}"
             if image.name in labels:

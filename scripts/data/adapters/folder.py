@@ -6,13 +6,13 @@ import csv
 import os
 from pathlib import Path
 
+from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
 from .common import natural_key, resolve_count, stratified_pick, write_datalist
 
 __all__ = ["folder_datalist", "csv_datalist"]
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SECTIONS = ("training", "unlabeled", "validation", "test")
 
 
@@ -49,8 +49,8 @@ def folder_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_rat
     images_dir, masks_dir = root / "images", root / "masks"
     if not images_dir.is_dir() or not masks_dir.is_dir():
         raise ConfigError(f"Folder '{root}' needs 'images/' and 'masks/' subfolders (and may have 'unlabeled/').")
-    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in SUFFIXES}
-    images = sorted((p for p in images_dir.iterdir() if p.suffix.lower() in SUFFIXES), key=lambda p: natural_key(p.name))
+    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    images = sorted((p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
     problems = [f"{p}: no mask named {p.stem}.* in {masks_dir}" for p in images if p.stem not in masks]
     problems += [f"{m}: mask without an image" for s, m in sorted(masks.items()) if s not in {p.stem for p in images}]
     if problems:
@@ -58,7 +58,7 @@ def folder_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_rat
     labeled = [{"image": str(p), "label": str(masks[p.stem])} for p in images]
     unlabeled_dir = root / "unlabeled"
     unlabeled = [{"image": str(p)} for p in sorted(unlabeled_dir.iterdir(), key=lambda p: natural_key(p.name))
-                 if p.suffix.lower() in SUFFIXES] if unlabeled_dir.is_dir() else []
+                 if p.suffix.lower() in IMAGE_SUFFIXES] if unlabeled_dir.is_dir() else []
     sections = _split(labeled, unlabeled, labeled_ratio, labeled_count, validation_ratio, test_ratio, seed)
     return write_datalist(sections, out, extra={"source": {"dataset": "folder", "root": str(root.resolve()), "seed": seed}})
 

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
 from .common import natural_key, resolve_count, stratified_pick, write_datalist
@@ -19,7 +20,6 @@ __all__ = ["glas_datalist", "read_glas_grades"]
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".bmp", ".png", ".tif", ".tiff")
 _NAME = re.compile(r"^(train|testA|testB)_(\d+)$")
 
 
@@ -42,7 +42,7 @@ def read_glas_grades(root: Path) -> dict[str, str]:
 
 def _scan(root: Path) -> tuple[dict[str, dict], list[str]]:
     """Images with their annotations by name, and the problems found (images without annotation and the reverse)."""
-    files = {p.stem: p for p in root.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES}
+    files = {p.stem: p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
     items, problems = {}, []
     for stem, path in files.items():
         if stem.endswith("_anno") or not _NAME.match(stem):
