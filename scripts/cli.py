@@ -41,16 +41,18 @@ def demo_data(root: str, seed: int = 0, n_labeled: int = 8, n_unlabeled: int = 7
 
 
 def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "ViT-B-16", weights: str | None = None,
-                    template: str = "a histopathology image of {}.", allow_random: bool = False) -> str:
-    """Encodes one prompt per class with a frozen open_clip text tower and saves the C x D prototypes.
+                    template: str = "a histopathology image of {}.", allow_random: bool = False,
+                    tokenizer_file: str | None = None) -> str:
+    """Encodes one prompt per class with a frozen text tower and saves the C x D prototypes.
 
     Args:
         out: output ``.pt`` file, then given to training as ``text_prototype_file``.
         class_descriptions: one description per class, e.g. ``"['background stroma','colon gland']"``.
-        arch: open_clip architecture of the text tower. Defaults to ``ViT-B-16``.
+        arch: ``conch`` or an open_clip architecture of the text tower. Defaults to ``ViT-B-16``.
         weights: local weights file of that architecture.
         template: prompt template; ``{}`` is replaced by each description.
         allow_random: permit a random tower (for testing the pipeline only). Defaults to False.
+        tokenizer_file: CONCH's ``conch_byte_level_bpe_uncased.json``, for ``--arch conch`` only.
     """
     if isinstance(class_descriptions, str):
         class_descriptions = [class_descriptions]
@@ -59,7 +61,7 @@ def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "Vi
             "text-prototypes needs --weights (a local text encoder file); prototypes from a random tower carry no "
             "language prior. Pass --allow_random true only to test the pipeline."
         )
-    model, tokenizer = build_text_tower(arch, weights)
+    model, tokenizer = build_text_tower(arch, weights, tokenizer_file=tokenizer_file)
     custom = getattr(model, "text", None) is not None
     prompts = [template.format(d) for d in class_descriptions]
     with torch.no_grad():

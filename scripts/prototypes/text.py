@@ -2,9 +2,10 @@
 
 Three sources, chosen by the config key ``text_source``:
 
-- ``prompt``: an open_clip text tower (CONCH / PLIP / QuiltNet / CLIP-compatible) built offline by architecture
-  name, weights from a local file, frozen; M learnable context vectors are prepended to each class description
-  ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every step, so the context learns;
+- ``prompt``: a frozen text tower built offline, weights from a local file: an open_clip architecture by name
+  (PLIP / QuiltNet / CLIP-compatible) or CONCH's (``text_arch: conch``, ``conch.py``); M learnable context vectors
+  are prepended to each class description ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every
+  step, so the context learns;
 - ``file``: fixed prototypes read from a ``.pt`` file (``python -m scripts.cli text-prototypes`` writes one);
 - ``random``: learnable random vectors. They carry no language prior, and the run says so loudly.
 
@@ -27,7 +28,7 @@ from scripts.errors import ConfigError
 from scripts.networks.encoders import read_state_dict
 
 __all__ = ["TextPrototypes", "PromptTextPrototypes", "FixedTextPrototypes", "RandomTextPrototypes",
-           "build_text_prototypes", "build_text_tower", "encode_text_features"]
+           "build_text_prototypes", "build_text_tower", "encode_text_features", "describe_state_misfit"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,20 +98,41 @@ class _ContextEmbedding(nn.Module):
         return torch.cat([tokens[:, :1], ctx, tokens[:, 1 + n_ctx:]], dim=1)
 
 
-def build_text_tower(arch: str, weights: str | os.PathLike | None = None, text_cfg: dict | None = None):
-    """An open_clip model without its image tower, weights from a local file, frozen. Returns (model, tokenizer).
+def describe_state_misfit(expected: dict, state: dict, limit: int = 8) -> str:
+    """Empty when ``state`` has exactly the keys and shapes of ``expected``; else its missing, unexpected and
+    mis-shaped keys (at most ``limit`` of each)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(f"{key} (file {tuple(state[key].shape)}, model {tuple(expected[key].shape)})"
+                        for key in set(expected) & set(state) if state[key].shape != expected[key].shape)
+    kinds = (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched))
+    return "; ".join(f"{kind} ({len(keys)}) {keys[:limit]}" for kind, keys in kinds if keys)
+
+
+def build_text_tower(arch: str, weights: str | os.PathLike | None = None, text_cfg: dict | None = None,
+                     tokenizer_file: str | os.PathLike | None = None):
+    """A frozen text tower without any image tower, weights from a local file. Returns (model, tokenizer).
 
     Args:
-        arch: open_clip architecture name, e.g. ``"ViT-B-16"`` or ``"coca_ViT-B-32"``.
+        arch: ``"conch"`` for CONCH's text tower, or an open_clip architecture name, e.g. ``"ViT-B-16"``.
         weights: local checkpoint of the whole model or of its text tower; image-tower keys are ignored.
         text_cfg: overrides of the architecture's text config (e.g. fewer layers for tests).
+        tokenizer_file: CONCH's tokenizer JSON; required for ``"conch"``, refused otherwise (open_clip
+            architectures bring their own tokenizer).
     """
+    if arch == "conch":
+        from .conch import build_conch_text_tower  # imported here: conch.py uses this module's helpers
+
+        return build_conch_text_tower(weights, tokenizer_file, text_cfg)
+    if tokenizer_file:
+        raise ConfigError(f"text_tokenizer is set, but only text_arch 'conch' reads a tokenizer file; '{arch}' "
+                          "brings its own. Set text_tokenizer to null, or text_arch to 'conch'.")
     import open_clip
 
     if arch not in open_clip.list_models():
         raise ConfigError(
-            f"Unknown text encoder architecture '{arch}' (config key 'text_arch'); use an open_clip name such as "
-            "'ViT-B-16' (python -c \"import open_clip; print(open_clip.list_models())\" lists them)."
+            f"Unknown text encoder architecture '{arch}' (config key 'text_arch'); use 'conch' or an open_clip name "
+            "such as 'ViT-B-16' (python -c \"import open_clip; print(open_clip.list_models())\" lists them)."
         )
     kwargs = {}
     if text_cfg:
@@ -122,14 +144,11 @@ def build_text_tower(arch: str, weights: str | os.PathLike | None = None, text_c
         state = read_state_dict(weights)
         state = {k: v for k, v in state.items() if not k.startswith("visual.")}
         expected = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-        if missing or unexpected or mismatched:
+        problems = describe_state_misfit(expected, state)
+        if problems:
             raise ConfigError(
-                f"Text weights '{weights}' do not fit open_clip architecture '{arch}': missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]}, shape mismatches {mismatched[:8]}. Check 'text_arch' "
-                "(docs/method.md explains converting CONCH's checkpoint)."
+                f"Text weights '{weights}' do not fit open_clip architecture '{arch}': {problems}. Check "
+                "'text_arch' (CONCH's checkpoint needs text_arch 'conch' and text_tokenizer, see docs/method.md)."
             )
         model.load_state_dict(state, strict=False)
     model.requires_grad_(False)
@@ -139,12 +158,12 @@ def build_text_tower(arch: str, weights: str | os.PathLike | None = None, text_c
 
 
 class PromptTextPrototypes(TextPrototypes):
-    """CoOp prompts through a frozen open_clip text tower (method.md section 2, text-prototype contrast).
+    """CoOp prompts through a frozen text tower (method.md section 2, text-prototype contrast).
 
     Args:
         class_descriptions: one description per class, e.g. ``["background stroma", "colon gland"]``.
         embed_dim: pixel-embedding width. Defaults to 512.
-        arch: open_clip architecture of the text tower. Defaults to ``"ViT-B-16"``.
+        arch: ``"conch"`` or an open_clip architecture of the text tower. Defaults to ``"ViT-B-16"``.
         weights: local weights file of that architecture; None means a random tower (reported loudly).
         n_ctx: number of learnable context vectors M, shared by all classes. Defaults to 8.
         ctx_init: words whose token embeddings initialise the context (their token count sets M), or None for
@@ -153,13 +172,14 @@ class PromptTextPrototypes(TextPrototypes):
         temperature: tau_txt. Defaults to 0.07.
         learnable_scale: learn the logit scale instead of the fixed temperature. Defaults to False.
         text_cfg: overrides of the tower's text config (tests use a 1-layer tower). Defaults to None.
+        tokenizer_file: CONCH's tokenizer JSON, for ``arch="conch"`` only. Defaults to None.
     """
 
     def __init__(self, class_descriptions: Sequence[str], embed_dim: int = 512, arch: str = "ViT-B-16",
                  weights: str | os.PathLike | None = None, n_ctx: int = 8, ctx_init: str | None = None,
                  ctx_std: float = 0.02, temperature: float = 0.07, learnable_scale: bool = False,
-                 text_cfg: dict | None = None):
-        model, tokenizer = build_text_tower(arch, weights, text_cfg)
+                 text_cfg: dict | None = None, tokenizer_file: str | os.PathLike | None = None):
+        model, tokenizer = build_text_tower(arch, weights, text_cfg, tokenizer_file)
         custom = getattr(model, "text", None) is not None
         tower = model.text if custom else model
         width = tower.token_embedding.embedding_dim
@@ -168,9 +188,13 @@ class PromptTextPrototypes(TextPrototypes):
         super().__init__(embed_dim, out_dim, temperature, learnable_scale)
         if not class_descriptions:
             raise ConfigError("class_descriptions is empty (config key 'class_descriptions'); give one per class.")
+        pad_id = getattr(tokenizer, "pad_id", 0)  # open_clip's tokenizers pad with 0
+        if int((tokenizer(["X"])[0] != pad_id).sum()) != 3:
+            raise ConfigError(f"The '{arch}' tokenizer splits the placeholder 'X' into several tokens, so the "
+                              "context vectors would not line up with the prompt; use another text_arch.")
         if ctx_init:
             init_ids = tokenizer([ctx_init])[0]
-            n_ctx = int((init_ids != 0).sum()) - 2  # without start and end tokens
+            n_ctx = int((init_ids != pad_id).sum()) - 2  # without start and end tokens
             with torch.no_grad():
                 ctx = tower.token_embedding(init_ids[None])[0, 1:1 + n_ctx].clone()
         else:
@@ -262,7 +286,8 @@ def _warn_no_prior(reason: str) -> None:
 def build_text_prototypes(source: str | None, num_classes: int, embed_dim: int, class_descriptions: Sequence[str] = (),
                           arch: str = "ViT-B-16", weights: str | None = None, prototype_file: str | None = None,
                           n_ctx: int = 8, ctx_init: str | None = None, temperature: float = 0.07,
-                          learnable_scale: bool = False, text_cfg: dict | None = None) -> TextPrototypes | None:
+                          learnable_scale: bool = False, text_cfg: dict | None = None,
+                          tokenizer_file: str | None = None) -> TextPrototypes | None:
     """The text-prototype module for config key ``text_source`` (``prompt``, ``file``, ``random`` or None)."""
     if source is None or source == "none":
         return None
@@ -272,7 +297,8 @@ def build_text_prototypes(source: str | None, num_classes: int, embed_dim: int, 
                 f"class_descriptions has {len(class_descriptions)} entries for {num_classes} classes; give one per class."
             )
         return PromptTextPrototypes(class_descriptions, embed_dim, arch, weights, n_ctx, ctx_init,
-                                    temperature=temperature, learnable_scale=learnable_scale, text_cfg=text_cfg)
+                                    temperature=temperature, learnable_scale=learnable_scale, text_cfg=text_cfg,
+                                    tokenizer_file=tokenizer_file)
     if source == "file":
         return FixedTextPrototypes(prototype_file or "", num_classes, embed_dim, temperature, learnable_scale)
     if source == "random":
