@@ -9,6 +9,6 @@ install_excepthook()
 # The folder that holds scripts/ and models/: the repository root, or dist/<bundle_name>/ in a packed bundle.
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 
-from . import data, deploy, engines, handlers, inference, losses, metrics, networks, prototypes  # noqa: E402  (after the hook, so import-time errors print clearly too)
+from . import data, deploy, engines, handlers, inference, losses, metrics, networks, prototypes, wsi  # noqa: E402  (after the hook, so import-time errors print clearly too)
 
-__all__ = ["BUNDLE_ROOT", "ConfigError", "data", "deploy", "engines", "handlers", "inference", "losses", "metrics", "networks", "prototypes"]
+__all__ = ["BUNDLE_ROOT", "ConfigError", "data", "deploy", "engines", "handlers", "inference", "losses", "metrics", "networks", "prototypes", "wsi"]

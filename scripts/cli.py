@@ -85,23 +85,14 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     from monai.bundle import ConfigParser
 
     from scripts.deploy import export_onnx as export
+    from scripts.networks import load_trained_weights
 
     parser = ConfigParser()
     parser.read_config(config_file)
     for key, value in overrides.items():
         parser[key] = value
     network = parser.get_parsed_content("network_def")
-    if not Path(ckpt).is_file():
-        raise ConfigError(f"Checkpoint '{ckpt}' does not exist (--ckpt); train first or point at a model.pt.")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"Checkpoint '{ckpt}' does not fit the network of '{config_file}': {str(err).splitlines()[0]} Pass the "
-            "network overrides used in training (e.g. --encoder_name, --skip_channels)."
-        ) from err
+    load_trained_weights(network, ckpt, key="--ckpt")
     return str(export(network, out, tuple(example_size)))
 
 

@@ -1,5 +1,6 @@
 """Networks: the UNI-TransUNet segmentation model and its ViT encoder presets."""
 
+from .checkpoint import load_trained_weights
 from .encoders import ENCODER_PRESETS, build_encoder, encoder_patch_size, load_encoder_weights, read_state_dict
 from .transunet import CascadedDecoder, ProjectionHead, SkipStem, TransUNetOutput, UNITransUNet
 
@@ -9,6 +10,7 @@ __all__ = [
     "encoder_patch_size",
     "load_encoder_weights",
     "read_state_dict",
+    "load_trained_weights",
     "UNITransUNet",
     "TransUNetOutput",
     "SkipStem",

@@ -1,0 +1,91 @@
+"""Peak memory and speed of whole-slide inference at two slide sizes: memory must not grow with the slide.
+
+    python -m scripts.benchmarks.wsi [--sizes "[4096,16384]"] [--encoder_name vit_tiny] [--backend tifffile]
+
+Each size is a generated pyramidal TIFF (``scripts.wsi.write_synthetic_slide``, written tile by tile) segmented in
+a fresh process, so that the peak resident memory (ru_maxrss) printed is that run's own. The network is the
+demo configuration of inference.json with random weights and the encoder given (speed does not depend on the
+weights; ``vit_tiny`` keeps a CPU run short), through inference.json's sliding window and inference_wsi.json's
+tile settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import fire
+
+__all__ = ["main"]
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "bundle", "configs")
+
+
+def _measure(slide: str, out_dir: str, encoder_name: str, backend: str, tile_size: int) -> dict:
+    from monai.bundle import ConfigParser
+
+    from scripts.wsi import SlideSegmenter
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(CONFIGS, "inference.json"), os.path.join(CONFIGS, "inference_wsi.json")])
+    parser["encoder_name"] = encoder_name
+    network = parser.get_parsed_content("network_def").eval()
+    segmenter = SlideSegmenter(network, parser.get_parsed_content("inferer"), out_dir, num_classes=2,
+                               tile_size=tile_size, halo=parser.get_parsed_content("wsi_halo"), mask_scale=255,
+                               backend=backend, progress=False, overwrite=True)
+    start = time.perf_counter()
+    summary = segmenter.segment(slide)
+    seconds = time.perf_counter() - start
+    return {
+        "slide": "x".join(str(v) for v in summary["slide_levels"][0]),
+        "reader": summary["reader"],
+        "tiles_segmented": summary["tiles_segmented"],
+        "tiles_background": summary["tiles_skipped_background"],
+        "seconds": round(seconds, 1),
+        "s_per_segmented_tile": round(seconds / max(summary["tiles_segmented"], 1), 2),
+        "polygons": sum(summary["polygons"].values()),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def main(sizes=(4096, 16384), encoder_name: str = "vit_tiny", backend: str = "auto", tile_size: int = 1024,
+         workdir: str = "", child: str = "") -> None:
+    """Prints one JSON line per slide size and a Markdown table."""
+    if child:
+        slide, out_dir = child.split(",")
+        print(json.dumps(_measure(slide, out_dir, encoder_name, backend, tile_size)))
+        return
+    from scripts.wsi import write_synthetic_slide
+
+    workdir = workdir or tempfile.mkdtemp(prefix="mpamatch_wsi_bench_")
+    rows = []
+    for size in sizes:
+        slide = os.path.join(workdir, f"slide_{size}.tif")
+        if not os.path.isfile(slide):
+            start = time.perf_counter()
+            write_synthetic_slide(slide, size, size, seed=1)
+            print(f"wrote {slide} ({os.path.getsize(slide) / 2**20:.0f} MB) in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr)
+        result = subprocess.run(
+            [sys.executable, "-m", "scripts.benchmarks.wsi", "--child", f"{slide},{os.path.join(workdir, 'out')}",
+             "--encoder_name", encoder_name, "--backend", backend, "--tile_size", str(tile_size)],
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"benchmark of {slide} failed:\n{result.stderr[-3000:]}")
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    keys = list(rows[0])
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

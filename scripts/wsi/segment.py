@@ -1,0 +1,257 @@
+"""Whole-slide segmentation: tissue detection, tile-by-tile inference, pyramidal TIFF mask and GeoJSON polygons.
+
+For each slide, ``SlideSegmenter``:
+
+1. opens it (``open_slide``) and picks the level and the resize factor for ``level`` or ``mpp``;
+2. builds a thumbnail block by block and detects tissue on it (``scripts.wsi.tissue``);
+3. walks the output grid tile by tile in storage order; a tile with tissue is read with a margin (``halo``) of
+   context on every side, segmented with the bundle's inferer (sliding window, Gaussian blending, optional flip
+   TTA) and cropped back, a tile without tissue is background without being read; tiles stream into a tiled
+   TIFF, so only one tile and its margin are in memory;
+4. turns that mask into a pyramidal TIFF and a GeoJSON of polygons in the slide's level-0 pixel frame (what
+   QuPath's File > Import objects reads), and writes a tissue thumbnail and a JSON summary.
+
+A slide whose outputs are complete is skipped unless ``overwrite`` is set; a slide that fails is reported and the
+others are still processed, then the run stops with an error naming every failed slide.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import Inferer
+from PIL import Image
+from tqdm import tqdm
+
+from scripts.data.transforms import IMAGENET_MEAN_255, IMAGENET_STD_255
+from scripts.errors import ConfigError
+from scripts.wsi.outputs import mask_to_geojson, tile_grid, write_mask_pyramid, write_tiled_tiff
+from scripts.wsi.slide import choose_level, open_slide, region_at_scale
+from scripts.wsi.tissue import build_thumbnail, tissue_mask
+
+__all__ = ["SlideSegmenter", "list_slides", "SLIDE_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+
+
+def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
+    """A folder (its slide files, sorted), one slide file, or a list of files."""
+    if isinstance(slides, (list, tuple)):
+        return [str(s) for s in slides]
+    path = Path(slides)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        if not found:
+            raise ConfigError(f"No slides ({', '.join(SLIDE_SUFFIXES)}) in folder '{path}' (config key 'slides').")
+        return found
+    if not path.is_file():
+        raise ConfigError(f"'slides' = '{path}' is neither a slide file nor a folder of slides.")
+    return [str(path)]
+
+
+class SlideSegmenter:
+    """Segments whole-slide images tile by tile with the bundle's network and inferer.
+
+    Args:
+        network: the segmentation network (PyTorch module or ``OnnxSegmenter``); put in eval mode here.
+        inferer: applied as ``inferer(tile, network)`` to each tile with its margin, e.g. the bundle's
+            ``SlidingWindowInferer`` (Gaussian blending) or its ``FlipTTAInferer`` wrapper.
+        output_dir: where ``<slide>_mask.tif``, ``<slide>.geojson``, ``<slide>_tissue.png`` and
+            ``<slide>_summary.json`` go.
+        num_classes: output channels of the network.
+        class_names: name per class for the GeoJSON (index 0 is background). Defaults to ``("background", "gland")``.
+        level: pyramid level to segment at. Exclusive with ``mpp``. Defaults to None (level 0 when ``mpp`` is None).
+        mpp: target microns per pixel; the nearest finer level is read and resized. Defaults to None.
+        tile_size: output tile size in pixels (also the TIFF tile size; a multiple of 16). Defaults to 1024.
+        halo: context margin read around each tile, in pixels. Defaults to 64.
+        device: where tiles are segmented. Defaults to CPU.
+        amp: autocast on CUDA. Defaults to False.
+        mask_scale: stored value = class index x ``mask_scale`` (255 makes a binary mask 0/255). Defaults to None (1).
+        tissue_detection: skip tiles without tissue. Defaults to True.
+        tissue_downsample: thumbnail size relative to the processing grid. Defaults to 16.
+        tissue_threshold: saturation cut in [0, 1]; None for Otsu's. Defaults to None.
+        min_tissue_fraction: a tile is segmented when at least this fraction of it is tissue. Defaults to 0.01.
+        geojson: write polygons. Defaults to True.
+        simplify: polygon simplification tolerance in mask pixels. Defaults to 1.0.
+        min_object_area: polygons smaller than this (mask pixels) are left out of the GeoJSON and counted. Defaults to 0.
+        backend: slide reader, ``"auto"``, ``"openslide"`` or ``"tifffile"``. Defaults to ``"auto"``.
+        overwrite: redo slides whose outputs exist. Defaults to False.
+        progress: show a progress bar per slide. Defaults to True.
+
+    Examples::
+
+        segmenter = SlideSegmenter(network, SlidingWindowInferer((224, 224), mode="gaussian"), "out", num_classes=2,
+                                   mpp=0.5, mask_scale=255)
+        segmenter.run("slides/")
+    """
+
+    def __init__(self, network: torch.nn.Module, inferer: Inferer, output_dir: str | os.PathLike,
+                 num_classes: int, class_names: Sequence[str] = ("background", "gland"), level: int | None = None,
+                 mpp: float | None = None, tile_size: int = 1024, halo: int = 64,
+                 device: torch.device | str = "cpu", amp: bool = False, mask_scale: int | None = None,
+                 tissue_detection: bool = True, tissue_downsample: int = 16, tissue_threshold: float | None = None,
+                 min_tissue_fraction: float = 0.01, geojson: bool = True, simplify: float = 1.0,
+                 min_object_area: float = 0.0, backend: str = "auto", overwrite: bool = False, progress: bool = True):
+        if tile_size < 16 or tile_size % 16:
+            raise ConfigError(f"'wsi_tile_size' must be a positive multiple of 16 (a TIFF rule), got {tile_size}.")
+        if halo < 0:
+            raise ConfigError(f"'wsi_halo' must be >= 0, got {halo}.")
+        if len(class_names) != num_classes:
+            raise ConfigError(f"'class_names' has {len(class_names)} names for {num_classes} classes "
+                              f"('num_classes'); give one name per class, background first.")
+        if mask_scale is not None and (num_classes - 1) * mask_scale > 255:
+            raise ConfigError(f"'mask_scale' {mask_scale} x {num_classes - 1} classes exceeds 255 in a uint8 mask.")
+        self.network, self.inferer = network, inferer
+        self.output_dir = Path(output_dir)
+        self.num_classes, self.class_names = num_classes, list(class_names)
+        self.level, self.mpp = level, mpp
+        self.tile_size, self.halo = int(tile_size), int(halo)
+        self.device, self.amp = torch.device(device), amp
+        self.mask_scale = mask_scale
+        self.tissue_detection, self.tissue_downsample = tissue_detection, int(tissue_downsample)
+        self.tissue_threshold, self.min_tissue_fraction = tissue_threshold, min_tissue_fraction
+        self.geojson, self.simplify, self.min_object_area = geojson, simplify, min_object_area
+        self.backend, self.overwrite, self.progress = backend, overwrite, progress
+        mean = torch.tensor(IMAGENET_MEAN_255, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD_255, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean, self._std = mean.to(self.device), std.to(self.device)
+
+    def outputs(self, slide_path: str) -> dict[str, Path]:
+        stem = Path(slide_path).stem
+        names = {"mask": f"{stem}_mask.tif", "tissue": f"{stem}_tissue.png", "summary": f"{stem}_summary.json"}
+        if self.geojson:
+            names["geojson"] = f"{stem}.geojson"
+        return {key: self.output_dir / name for key, name in names.items()}
+
+    def run(self, slides: str | os.PathLike | Sequence[str]) -> list[dict]:
+        """Segments every slide; returns their summaries. Raises ``ConfigError`` at the end if any slide failed."""
+        paths = list_slides(slides)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        summaries, failures = [], []
+        for index, path in enumerate(paths, 1):
+            logger.info("Slide %d/%d: %s", index, len(paths), path)
+            try:
+                summaries.append(self.segment(path))
+            except (ConfigError, OSError, ValueError, RuntimeError) as err:
+                failures.append(f"{path}: {err}")
+                logger.error("Slide %s failed (%s); going on with the others.", path, err)
+        if failures:
+            raise ConfigError(f"{len(failures)} of {len(paths)} slides failed (the others were segmented):\n  "
+                              + "\n  ".join(failures))
+        return summaries
+
+    @torch.no_grad()
+    def _segment_tile(self, region: np.ndarray) -> np.ndarray:
+        image = torch.from_numpy(region).to(self.device).permute(2, 0, 1)[None].float()
+        image = (image - self._mean) / self._std
+        with torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda"):
+            logits = self.inferer(image, self.network)
+        return logits[0].float().argmax(dim=0).to(torch.uint8).cpu().numpy()
+
+    def segment(self, slide_path: str) -> dict:
+        """Segments one slide; returns (and writes) its summary."""
+        outputs = self.outputs(slide_path)
+        if not self.overwrite and all(p.is_file() for p in outputs.values()):
+            logger.info("Outputs of %s exist in %s; skipped (set 'wsi_overwrite' true to redo it).",
+                        slide_path, self.output_dir)
+            return json.loads(outputs["summary"].read_text())
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.network, "eval"):
+            self.network.eval()
+        start = time.perf_counter()
+        with open_slide(slide_path, self.backend) as slide:
+            level, factor = choose_level(slide, self.level, self.mpp)
+            level_h, level_w = slide.level_shapes[level]
+            grid = (max(1, int(level_h / factor)), max(1, int(level_w / factor)))
+            tile, halo, down = self.tile_size, self.halo, self.tissue_downsample
+
+            tissue, cut = None, None
+            if self.tissue_detection:
+                thumb = build_thumbnail(slide, level, factor, grid, down)
+                tissue, cut = tissue_mask(thumb, self.tissue_threshold)
+                Image.fromarray(tissue.astype(np.uint8) * 255).save(outputs["tissue"])
+            else:
+                Image.fromarray(np.full((max(1, grid[0] // down), max(1, grid[1] // down)), 255, np.uint8)).save(
+                    outputs["tissue"])
+
+            corners = tile_grid(grid, tile)
+            counts = np.zeros(self.num_classes, np.int64)
+            done = {"segmented": 0, "skipped": 0}
+            bar = tqdm(total=len(corners), desc=Path(slide_path).name, unit="tile", disable=not self.progress,
+                       file=sys.stderr, mininterval=2.0)
+
+            def read_tile(top: int, left: int) -> np.ndarray:
+                out = np.zeros((tile, tile), np.uint8)
+                h, w = min(tile, grid[0] - top), min(tile, grid[1] - left)
+                has_tissue = True
+                if tissue is not None:
+                    window = tissue[top // down:math.ceil((top + h) / down), left // down:math.ceil((left + w) / down)]
+                    has_tissue = window.size > 0 and window.mean() >= max(self.min_tissue_fraction, 1e-9)
+                if has_tissue:
+                    region = region_at_scale(slide, level, factor, top - halo, left - halo, (h + 2 * halo, w + 2 * halo))
+                    labels = self._segment_tile(region)[halo:halo + h, halo:halo + w]
+                    counts[:] += np.bincount(labels.ravel(), minlength=self.num_classes)[:self.num_classes]
+                    out[:h, :w] = labels * (self.mask_scale or 1)
+                    done["segmented"] += 1
+                else:
+                    counts[0] += h * w
+                    done["skipped"] += 1
+                bar.update(1)
+                return out
+
+            level0 = self.output_dir / f".{Path(slide_path).stem}_mask.level0.tif"
+            try:
+                write_tiled_tiff(level0, grid, tile, read_tile)
+                bar.close()
+                grid_mpp = slide.level_mpp(level) * factor if slide.mpp is not None else None
+                scale = slide.downsamples[level] * factor
+                description = {"source": str(slide_path), "level": level, "resize_factor": factor,
+                               "downsample_from_level0": scale, "mpp": grid_mpp, "classes": self.class_names,
+                               "mask_scale": self.mask_scale or 1}
+                levels = write_mask_pyramid(level0, outputs["mask"], tile, grid_mpp, description)
+                polygons = {}
+                if self.geojson:
+                    polygons = mask_to_geojson(level0, outputs["geojson"], tile, scale, self.class_names,
+                                               self.mask_scale, self.simplify, self.min_object_area)
+            finally:
+                bar.close()
+                level0.unlink(missing_ok=True)
+
+            total = max(int(counts.sum()), 1)
+            summary = {
+                "slide": str(slide_path),
+                "reader": slide.backend,
+                "slide_levels": [list(s) for s in slide.level_shapes],
+                "slide_mpp": slide.mpp,
+                "level": level,
+                "resize_factor": factor,
+                "mask_shape": list(grid),
+                "mask_mpp": grid_mpp,
+                "mask_levels": [list(s) for s in levels],
+                "tiles": len(corners),
+                "tiles_segmented": done["segmented"],
+                "tiles_skipped_background": done["skipped"],
+                "tissue_threshold": cut,
+                "class_fractions": {name: round(int(n) / total, 6) for name, n in zip(self.class_names, counts)},
+                "polygons": polygons,
+                "seconds": round(time.perf_counter() - start, 2),
+                "outputs": {key: str(p) for key, p in outputs.items()},
+            }
+        partial = outputs["summary"].with_name(f".{outputs['summary'].name}.partial")
+        partial.write_text(json.dumps(summary, indent=2))
+        os.replace(partial, outputs["summary"])
+        logger.info("%s: %d of %d tiles segmented (%d background), %s, %.1f s -> %s", Path(slide_path).name,
+                    done["segmented"], len(corners), done["skipped"], polygons or "no polygons", summary["seconds"],
+                    outputs["mask"])
+        return summary

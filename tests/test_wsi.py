@@ -1,0 +1,229 @@
+"""Whole-slide inference: region reads, level choice, tissue detection, tile-by-tile segmentation and its outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import tifffile
+import torch
+from monai.inferers import SlidingWindowInferer
+from PIL import Image
+from scipy import ndimage
+
+from scripts.errors import ConfigError
+from scripts.wsi import (SlideSegmenter, choose_level, mask_to_geojson, open_slide, otsu_threshold, tissue_mask,
+                         write_synthetic_slide, write_tiled_tiff)
+
+REPO = Path(__file__).resolve().parent.parent
+BACKENDS = ["tifffile", "openslide"]
+
+
+class DarkPixels(torch.nn.Module):
+    """Gland where a pixel is darker than average: a per-pixel rule, so tiling and blending cannot change it."""
+
+    def forward(self, x):
+        s = -x.mean(1, keepdim=True)
+        return torch.cat([-s, s], 1)
+
+
+def reference_labels(image: np.ndarray) -> np.ndarray:
+    from scripts.data import IMAGENET_MEAN_255, IMAGENET_STD_255
+
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    x = (x - torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    return DarkPixels()(x)[0].argmax(0).numpy().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slides")
+    path = write_synthetic_slide(root / "s.tif", 700, 1000, tile=128, mpp=0.5, seed=3, variants=3,
+                                 mask_path=root / "s_truth.tif")
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_region_reads_equal_the_decoded_level(slide, backend):
+    with open_slide(slide, backend) as s, tifffile.TiffFile(slide) as tif:
+        assert s.backend == backend
+        assert s.level_shapes == [(700, 1000), (350, 500), (175, 250), (88, 125)]
+        assert s.mpp == pytest.approx(0.5)
+        assert s.downsamples[2] == pytest.approx(4.0)
+        for level in (0, 2):
+            full = tif.series[0].levels[level].asarray()
+            h, w = full.shape[:2]
+            for top, left, hh, ww in ((0, 0, 64, 64), (37, 101, 200, 333), (h - 20, w - 30, 50, 70), (-10, -5, 30, 40)):
+                region = s.read(level, top, left, hh, ww)
+                expected = np.full((hh, ww, 3), 255, np.uint8)
+                y0, x0 = max(top, 0), max(left, 0)
+                y1, x1 = min(top + hh, h), min(left + ww, w)
+                expected[y0 - top:y1 - top, x0 - left:x1 - left] = full[y0:y1, x0:x1]
+                np.testing.assert_array_equal(region, expected)
+
+
+def test_choose_level_and_its_errors(slide):
+    with open_slide(slide, "tifffile") as s:
+        assert choose_level(s) == (0, 1.0)
+        assert choose_level(s, level=2) == (2, 1.0)
+        assert choose_level(s, mpp=1.0) == (1, 1.0)
+        assert choose_level(s, mpp=1.05) == (1, 1.0)  # within the 10% tolerance
+        level, factor = choose_level(s, mpp=1.5)
+        assert level == 1 and factor == pytest.approx(1.5)
+        with pytest.raises(ConfigError, match="'wsi_level' 7 is out of range"):
+            choose_level(s, level=7)
+        with pytest.raises(ConfigError, match="coarser than 'wsi_mpp' 0.25"):
+            choose_level(s, mpp=0.25)
+        with pytest.raises(ConfigError, match="either 'wsi_level' or 'wsi_mpp'"):
+            choose_level(s, level=0, mpp=1.0)
+
+
+def test_slide_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_slide(tmp_path / "absent.svs")
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00 not a tiff")
+    with pytest.raises(ConfigError, match=f"Cannot read slide '{bad}'"):
+        open_slide(bad)
+    with pytest.raises(ConfigError, match="slide backend 'cucumber'"):
+        open_slide(bad, "cucumber")
+
+
+def test_otsu_and_tissue_mask():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.2, 0.03, 5000), rng.normal(0.7, 0.03, 5000)]).clip(0, 1)
+    assert 0.3 < otsu_threshold(values) < 0.6
+    thumb = np.full((60, 80, 3), 240, np.uint8)
+    thumb[10:40, 20:60] = (190, 90, 160)  # stained tissue
+    thumb[25:28, 35:38] = (250, 250, 250)  # a hole inside it is filled
+    thumb[50, 5] = (190, 90, 160)  # a speck is dropped
+    mask, cut = tissue_mask(thumb)
+    expected = np.zeros((60, 80), bool)
+    expected[10:40, 20:60] = True
+    np.testing.assert_array_equal(mask, expected)
+    blank, cut = tissue_mask(np.full((30, 30, 3), 242, np.uint8) + rng.integers(0, 3, (30, 30, 3)).astype(np.uint8))
+    assert not blank.any() and cut >= 0.05
+
+
+def test_geojson_polygons_cover_exactly_the_mask(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = ndimage.binary_opening(rng.random((300, 420)) > 0.55, iterations=1)
+    mask[100:220, 50:300] = True  # one object across several tiles
+    mask[140:160, 100:120] = False  # with a hole
+    labels = mask.astype(np.uint8) * 255
+    level0 = tmp_path / "mask.tif"
+    write_tiled_tiff(level0, labels.shape, 64,
+                     lambda t, l: np.pad(labels[t:t + 64, l:l + 64], ((0, 64 - labels[t:t + 64, l:l + 64].shape[0]),
+                                                                      (0, 64 - labels[t:t + 64, l:l + 64].shape[1]))))
+    counts = mask_to_geojson(level0, tmp_path / "m.geojson", 64, 2.0, ["background", "gland"], 255, simplify=0)
+    data = json.loads((tmp_path / "m.geojson").read_text())
+    assert data["type"] == "FeatureCollection"
+    polygons = [shapely.geometry.shape(f["geometry"]) for f in data["features"]]
+    assert {f["properties"]["classification"]["name"] for f in data["features"]} == {"gland"}
+    assert counts == {"gland": len(polygons)}
+    # one polygon per 4-connected component: pieces cut by tile borders were joined
+    assert len(polygons) == ndimage.label(mask)[1]
+    union = shapely.union_all(polygons)
+    yy, xx = np.mgrid[0:300, 0:420]
+    inside = shapely.contains_xy(union, (xx + 0.5) * 2.0, (yy + 0.5) * 2.0)  # coordinates were scaled by 2
+    np.testing.assert_array_equal(inside, mask)
+    assert union.area == pytest.approx(mask.sum() * 4.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segmented_slide_equals_whole_image_segmentation(slide, tmp_path, backend):
+    inferer = SlidingWindowInferer((32, 32), sw_batch_size=8, overlap=0.25, mode="gaussian")
+    segmenter = SlideSegmenter(DarkPixels(), inferer, tmp_path, num_classes=2, tile_size=256, halo=16,
+                               mask_scale=255, backend=backend, progress=False, simplify=0, min_tissue_fraction=0.05)
+    summary = segmenter.run(slide)[0]
+    with open_slide(slide, backend) as s:
+        image = s.read(0, 0, 0, 700, 1000)
+    expected = reference_labels(image) * 255
+    with tifffile.TiffFile(tmp_path / "s_mask.tif") as tif:
+        pages = [p.asarray() for p in tif.pages]
+        assert [p.shape for p in pages] == [(700, 1000), (350, 500), (175, 250)]
+        assert json.loads(tif.pages[0].description)["downsample_from_level0"] == 1.0
+        x_res = tif.pages[0].tags["XResolution"].value
+        assert 1e4 * x_res[1] / x_res[0] == pytest.approx(0.5)
+    assert summary["tiles"] == 12 and summary["tiles_skipped_background"] > 0
+    assert summary["tiles_segmented"] + summary["tiles_skipped_background"] == 12
+    # skipped tiles are background; everywhere else the tile-by-tile result is the whole-image result
+    tissue = np.asarray(Image.open(tmp_path / "s_tissue.png")) > 0
+    segmented = np.zeros((700, 1000), bool)
+    for top in range(0, 700, 256):
+        for left in range(0, 1000, 256):
+            window = tissue[top // 16:-(-min(top + 256, 700) // 16), left // 16:-(-min(left + 256, 1000) // 16)]
+            segmented[top:top + 256, left:left + 256] = window.mean() >= 0.05
+    np.testing.assert_array_equal(pages[0][segmented], expected[segmented])
+    assert not pages[0][~segmented].any()
+    assert pages[0].any()
+    for k, page in enumerate(pages[1:], 1):
+        np.testing.assert_array_equal(page, pages[0][::2 ** k, ::2 ** k])
+    fractions = summary["class_fractions"]
+    assert fractions["gland"] == pytest.approx((pages[0] > 0).mean(), abs=1e-6)
+    features = json.loads((tmp_path / "s.geojson").read_text())["features"]
+    assert len(features) == ndimage.label(pages[0] > 0)[1] == summary["polygons"]["gland"]
+
+
+def test_resolution_by_mpp_skips_done_slides_and_reports_bad_ones(slide, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.symlink(slide, folder / "good.tif")
+    (folder / "broken.svs").write_bytes(b"not a slide at all")
+    inferer = SlidingWindowInferer((32, 32), sw_batch_size=8, mode="gaussian")
+    segmenter = SlideSegmenter(DarkPixels(), inferer, tmp_path / "out", num_classes=2, mpp=0.75, tile_size=128,
+                               halo=8, mask_scale=255, progress=False)
+    with pytest.raises(ConfigError, match=r"1 of 2 slides failed") as err:
+        segmenter.run(folder)
+    assert "broken.svs" in str(err.value)
+    summary = json.loads((tmp_path / "out" / "good_summary.json").read_text())
+    assert summary["level"] == 0 and summary["resize_factor"] == pytest.approx(1.5)
+    assert summary["mask_shape"] == [466, 666] and summary["mask_mpp"] == pytest.approx(0.75)
+    with tifffile.TiffFile(tmp_path / "out" / "good_mask.tif") as tif:
+        assert tif.pages[0].shape == (466, 666)
+    # GeoJSON coordinates are in slide level-0 pixels: the mask grid times 1.5
+    features = json.loads((tmp_path / "out" / "good.geojson").read_text())["features"]
+    xs = [x for f in features for ring in f["geometry"]["coordinates"] for x, _ in ring]
+    assert max(xs) > 666 and max(xs) <= 1000
+    before = (tmp_path / "out" / "good_mask.tif").stat().st_mtime_ns
+    segmenter.run(folder / "good.tif")
+    assert (tmp_path / "out" / "good_mask.tif").stat().st_mtime_ns == before  # complete outputs are kept
+
+
+def test_bad_segmenter_settings():
+    inferer = SlidingWindowInferer((32, 32))
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        SlideSegmenter(DarkPixels(), inferer, "out", 2, tile_size=100)
+    with pytest.raises(ConfigError, match="'class_names' has 2 names for 3 classes"):
+        SlideSegmenter(DarkPixels(), inferer, "out", 3)
+
+
+def test_bundle_runs_whole_slide_inference(slide, tmp_path):
+    from scripts.networks import UNITransUNet
+
+    torch.manual_seed(0)
+    net = UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1},
+                       skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512)
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    configs = f"['{REPO / 'bundle/configs/inference.json'}','{REPO / 'bundle/configs/inference_wsi.json'}']"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+         "--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}", "--skip_channels", "[16,8,8]",
+         "--decoder_channels", "[16,16,8,8]", "--roi_size", "[64,64]", "--slides", str(slide),
+         "--ckpt_path", str(tmp_path / "model.pt"), "--wsi_output_dir", str(tmp_path / "out"),
+         "--wsi_mpp", "1.0", "--wsi_tile_size", "256"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "s_summary.json").read_text())
+    assert summary["level"] == 1 and summary["mask_shape"] == [350, 500]
+    assert summary["tiles_segmented"] >= 1
+    with tifffile.TiffFile(tmp_path / "out" / "s_mask.tif") as tif:
+        mask = tif.pages[0].asarray()
+    assert mask.shape == (350, 500) and set(np.unique(mask)) <= {0, 255}
+    assert "of 4 tiles segmented" in result.stdout + result.stderr
