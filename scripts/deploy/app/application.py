@@ -1,0 +1,71 @@
+"""The MONAI Deploy application: load every image of the input folder, segment it with the ONNX model, write masks.
+
+Paths come from the SDK's options and variables: ``-i`` / ``HOLOSCAN_INPUT_PATH`` (folder of images),
+``-o`` / ``HOLOSCAN_OUTPUT_PATH`` (mask folder), ``-m`` / ``HOLOSCAN_MODEL_PATH`` (``.onnx`` file or a folder
+holding one). The sliding-window settings come from the ``segmentation`` section of the YAML file named by
+``HOLOSCAN_CONFIG_PATH`` (set inside a MAP), else of the ``app.yaml`` next to this module.
+Importing this module needs the MONAI Deploy App SDK.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application, init_app_context
+
+from .compute import ImageFolderLoader, MaskWriter, TiledOnnxSegmenter
+from .operators import LoadImagesOperator, OnnxSegmentationOperator, WriteMasksOperator
+
+__all__ = ["GlandSegmentationApp", "APP_CONFIG", "main"]
+
+APP_CONFIG = Path(__file__).resolve().parent / "app.yaml"
+
+logger = logging.getLogger(__name__)
+
+
+class GlandSegmentationApp(Application):
+    """Image folder -> ``LoadImagesOperator`` -> ``OnnxSegmentationOperator`` -> ``WriteMasksOperator`` -> masks.
+
+    After ``run()``, ``loader.report()`` raises a ``ConfigError`` naming any file that could not be read.
+
+    Examples::
+
+        app = GlandSegmentationApp(["app", "-i", "tiles/", "-o", "masks/", "-m", "model.onnx"])
+        app.config(str(APP_CONFIG))
+        app.run()
+        app.loader.report()
+    """
+
+    name = "mpamatch_gland_segmentation"
+    description = "Gland segmentation of pathology tiles with the exported UNI-TransUNet (ONNX Runtime)."
+    version = "0.2.0"
+
+    def compose(self):
+        context = init_app_context(self.argv)
+        settings = dict(self.kwargs("segmentation"))
+        self.loader = ImageFolderLoader(context.input_path)
+        segmenter = TiledOnnxSegmenter(context.model_path, num_classes=settings["num_classes"],
+                                       roi_size=settings["roi_size"], sw_batch_size=settings["sw_batch_size"],
+                                       overlap=settings["sw_overlap"])
+        logger.info("Segmenting %d images of %s with %s (%s) into %s", len(self.loader.paths), context.input_path,
+                    segmenter.network.path, segmenter.network.session.get_providers()[0], context.output_path)
+        load = LoadImagesOperator(self, CountCondition(self, len(self.loader.paths)), loader=self.loader,
+                                  name="load_images")
+        segment = OnnxSegmentationOperator(self, segmenter=segmenter, name="segment")
+        self.writer = WriteMasksOperator(self, writer=MaskWriter(context.output_path, settings["num_classes"]),
+                                         name="write_masks")
+        self.add_flow(load, segment, {("image", "image")})
+        self.add_flow(segment, self.writer, {("image", "image"), ("pred", "pred")})
+
+
+def main(argv: list[str] | None = None) -> GlandSegmentationApp:
+    """Runs the application on ``argv`` (default: the command line) and reports unreadable files at the end."""
+    app = GlandSegmentationApp(argv)
+    app.config(os.environ.get("HOLOSCAN_CONFIG_PATH") or str(APP_CONFIG))
+    app.run()
+    logger.info("Wrote %d masks", len(app.writer.written))
+    app.loader.report()
+    return app

@@ -1,0 +1,162 @@
+"""The MONAI Deploy application: its operators' compute writes the bundle's ONNX masks and reports bad inputs; the
+whole application runs end to end where the MONAI Deploy App SDK is installed (scripts/deploy/app/requirements.txt).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from monai.utils import optional_import
+from PIL import Image
+
+from scripts.deploy import export_onnx
+from scripts.deploy.app import ImageFolderLoader, MaskWriter, TiledOnnxSegmenter, resolve_model_path
+from scripts.deploy.app.stage import stage_app
+from scripts.errors import ConfigError
+from tests.test_onnx import NET_ARGS, REPO, run, tiny_network
+
+APP = REPO / "scripts" / "deploy" / "app"
+ROI = [32, 32]
+_, HAS_SDK = optional_import("monai.deploy.core")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A random tiny network exported (with its parity check) to model.onnx."""
+    return export_onnx(tiny_network(), tmp_path_factory.mktemp("model") / "model.onnx", example_size=(2, 3, 64, 96))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Images of several sizes and formats (one smaller than the window, one grey, one RGBA) and a corrupt file."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, size, mode in [("a.png", (96, 128), "RGB"), ("b.jpg", (70, 50), "RGB"), ("c.bmp", (21, 40), "RGB"),
+                             ("d.tif", (64, 64), "L"), ("e.png", (40, 72), "RGBA")]:
+        shape = (*size, len(mode)) if len(mode) > 1 else size
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return folder
+
+
+def read_masks(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*_mask.png"))}
+
+
+@pytest.fixture(scope="module")
+def bundle_masks(model, images, tmp_path_factory):
+    """Masks of the bundle's own inference (inference.json, ONNX backend) on the same images and window."""
+    out = tmp_path_factory.mktemp("bundle_masks")
+    result = run(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
+                  *NET_ARGS, "--roi_size", json.dumps(ROI), "--input_dir", images, "--backend", "onnx",
+                  "--onnx_path", model, "--output_dir", out])
+    assert result.returncode != 0 and "broken.png" in result.stderr, result.stderr[-3000:]
+    masks = read_masks(out)
+    assert sorted(masks) == ["a_mask.png", "b_mask.png", "c_mask.png", "d_mask.png", "e_mask.png"]
+    return masks
+
+
+def test_operators_compute_writes_the_bundle_masks(model, images, bundle_masks, tmp_path):
+    loader = ImageFolderLoader(images)
+    segmenter = TiledOnnxSegmenter(model, num_classes=2, roi_size=ROI, sw_batch_size=4, overlap=0.25)
+    writer = MaskWriter(tmp_path, num_classes=2)
+    written = [writer(image, segmenter(image)) for image in map(loader.load, loader.paths)]
+    assert sorted(p.name for p in written) == sorted(bundle_masks)
+    masks = read_masks(tmp_path)
+    for name, expected in bundle_masks.items():
+        assert masks[name].shape == expected.shape and set(np.unique(masks[name])) <= {0, 255}
+        assert np.array_equal(masks[name], expected), name
+    with pytest.raises(ConfigError, match=r"1 of 6 images .*\(the other 5 were segmented\):\n  .*broken\.png"):
+        loader.report()
+
+
+def test_image_failing_at_load_time_is_skipped_and_reported(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "good.png")
+    Image.new("LA", (20, 20)).save(tmp_path / "two_channels.png")
+    loader = ImageFolderLoader(tmp_path)
+    loaded = {path.rsplit("/", 1)[-1]: loader.load(path) for path in loader.paths}
+    assert loaded["two_channels.png"] is None and tuple(loaded["good.png"].shape) == (3, 20, 20)
+    with pytest.raises(ConfigError, match=r"1 of 2 images .*\n  .*two_channels\.png: .*2 channels"):
+        loader.report()
+    loader = ImageFolderLoader(tmp_path)
+    loader.load(str(tmp_path / "good.png"))
+    loader.report()
+
+
+def test_bad_model_path_is_named(model, tmp_path):
+    with pytest.raises(ConfigError, match=f"ONNX model '{tmp_path / 'absent.onnx'}' does not exist"):
+        TiledOnnxSegmenter(tmp_path / "absent.onnx")
+    with pytest.raises(ConfigError, match=f"Model folder '{tmp_path}' holds 0 .onnx files"):
+        resolve_model_path(tmp_path)
+    nested = tmp_path / "models" / "gland"
+    nested.mkdir(parents=True)
+    (nested / "model.onnx").write_bytes(model.read_bytes())
+    assert resolve_model_path(tmp_path / "models") == nested / "model.onnx"
+    with pytest.raises(ConfigError, match="roi_size"):
+        TiledOnnxSegmenter(model, roi_size=[32])
+
+
+def test_app_settings_match_inference_config():
+    settings = yaml.safe_load((APP / "app.yaml").read_text())["segmentation"]
+    infer = json.loads((REPO / "bundle/configs/inference.json").read_text())
+    assert settings == {key: infer[key] for key in ("num_classes", "roi_size", "sw_batch_size", "sw_overlap")}
+
+
+def test_stage_writes_the_map_source_folder(tmp_path):
+    staged = stage_app(tmp_path / "map")
+    assert (staged / "__main__.py").read_text() == (APP / "__main__.py").read_text()
+    assert (staged / "scripts" / "deploy" / "app" / "compute.py").is_file()
+    assert not list(staged.rglob("__pycache__"))
+    requirements = [line for line in (staged / "requirements.txt").read_text().splitlines()
+                    if line and not line.startswith("#")]
+    assert all("==" in line for line in requirements)
+    assert {"torch==2.14.1", "monai==1.6.1", "monai-deploy-app-sdk==4.0.0"} <= set(requirements)
+    assert stage_app(tmp_path / "map") == staged
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="is not a staged application"):
+        stage_app(tmp_path / "other")
+
+
+@pytest.mark.skipif(not HAS_SDK, reason="MONAI Deploy App SDK not installed (scripts/deploy/app/requirements.txt)")
+def test_application_end_to_end(model, images, bundle_masks, tmp_path, monkeypatch):
+    settings = yaml.safe_load((APP / "app.yaml").read_text())
+    settings["segmentation"]["roi_size"] = ROI
+    (tmp_path / "app.yaml").write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("HOLOSCAN_CONFIG_PATH", str(tmp_path / "app.yaml"))
+    result = run(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out", "-m", model])
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "1 of 6 images" in result.stderr and "broken.png" in result.stderr, result.stderr[-3000:]
+    masks = read_masks(tmp_path / "out")
+    assert masks.keys() == bundle_masks.keys()
+    for name, expected in bundle_masks.items():
+        assert np.array_equal(masks[name], expected), name
+
+    missing = tmp_path / "absent.onnx"
+    result = run(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out2", "-m", missing])
+    assert result.returncode != 0 and str(missing) in result.stderr, result.stderr[-3000:]
+    monkeypatch.setenv("HOLOSCAN_MODEL_PATH", str(missing))
+    result = run(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out2"])
+    assert result.returncode != 0 and f"ONNX model '{missing}' does not exist" in result.stderr, result.stderr[-3000:]
+
+@pytest.mark.skipif(not HAS_SDK, reason="MONAI Deploy App SDK not installed (scripts/deploy/app/requirements.txt)")
+def test_staged_folder_runs_as_in_a_map(model, images, bundle_masks, tmp_path):
+    """The MAP runs ``python3 /opt/holoscan/app`` with paths from HOLOSCAN_* variables and models in sub-folders."""
+    staged = stage_app(tmp_path / "map")
+    (tmp_path / "models" / "gland").mkdir(parents=True)
+    (tmp_path / "models" / "gland" / "model.onnx").write_bytes(model.read_bytes())
+    settings = yaml.safe_load((staged / "app.yaml").read_text())
+    settings["segmentation"]["roi_size"] = ROI
+    (staged / "app.yaml").write_text(yaml.safe_dump(settings))
+    env = {"PYTHONPATH": "", "HOLOSCAN_CONFIG_PATH": str(staged / "app.yaml"), "HOLOSCAN_INPUT_PATH": str(images),
+           "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"), "HOLOSCAN_MODEL_PATH": str(tmp_path / "models")}
+    result = subprocess.run([sys.executable, str(staged)], cwd=tmp_path, env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "broken.png" in result.stderr, result.stderr[-3000:]
+    masks = read_masks(tmp_path / "out")
+    assert masks.keys() == bundle_masks.keys()
+    assert all(np.array_equal(masks[name], expected) for name, expected in bundle_masks.items())
