@@ -104,6 +104,8 @@ def test_app_settings_match_inference_config():
     settings = yaml.safe_load((APP / "app.yaml").read_text())["segmentation"]
     infer = json.loads((REPO / "bundle/configs/inference.json").read_text())
     assert settings == {key: infer[key] for key in ("num_classes", "roi_size", "sw_batch_size", "sw_overlap")}
+    version = json.loads((REPO / "bundle/configs/metadata.json").read_text())["version"]
+    assert str(yaml.safe_load((APP / "app.yaml").read_text())["application"]["version"]) == version
 
 
 def test_stage_writes_the_map_source_folder(tmp_path):

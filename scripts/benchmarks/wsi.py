@@ -2,8 +2,9 @@
 
     python -m scripts.benchmarks.wsi [--sizes "[4096,16384]"] [--encoder_name vit_tiny] [--backend tifffile]
 
-Each size is a generated pyramidal TIFF (``scripts.wsi.write_synthetic_slide``, written tile by tile) segmented in
-a fresh process, so that the peak resident memory (ru_maxrss) printed is that run's own. The network is the
+Each size is a generated pyramidal TIFF (``scripts.wsi.write_synthetic_slide``, written tile by tile) holding
+one tissue region of about ``tissue_tiles`` output tiles, so the slides differ in size but not in the work of
+segmenting their tissue. Each is segmented in a fresh process, so that the peak resident memory (ru_maxrss) printed is that run's own. The network is the
 demo configuration of inference.json with random weights and the encoder given (speed does not depend on the
 weights; ``vit_tiny`` keeps a CPU run short), through inference.json's sliding window and inference_wsi.json's
 tile settings.
@@ -12,6 +13,7 @@ tile settings.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -27,6 +29,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "bundle", "configs
 
 
 def _measure(slide: str, out_dir: str, encoder_name: str, backend: str, tile_size: int) -> dict:
+    import torch
     from monai.bundle import ConfigParser
 
     from scripts.wsi import SlideSegmenter
@@ -34,10 +37,14 @@ def _measure(slide: str, out_dir: str, encoder_name: str, backend: str, tile_siz
     parser = ConfigParser()
     parser.read_config([os.path.join(CONFIGS, "inference.json"), os.path.join(CONFIGS, "inference_wsi.json")])
     parser["encoder_name"] = encoder_name
+    torch.manual_seed(0)
     network = parser.get_parsed_content("network_def").eval()
     segmenter = SlideSegmenter(network, parser.get_parsed_content("inferer"), out_dir, num_classes=2,
                                tile_size=tile_size, halo=parser.get_parsed_content("wsi_halo"), mask_scale=255,
                                backend=backend, progress=False, overwrite=True)
+    with torch.no_grad():  # one window through the network first: the baseline holds the model's own memory
+        segmenter.inferer(torch.zeros(1, 3, 256, 256), network)
+    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     summary = segmenter.segment(slide)
     seconds = time.perf_counter() - start
@@ -49,12 +56,13 @@ def _measure(slide: str, out_dir: str, encoder_name: str, backend: str, tile_siz
         "seconds": round(seconds, 1),
         "s_per_segmented_tile": round(seconds / max(summary["tiles_segmented"], 1), 2),
         "polygons": sum(summary["polygons"].values()),
+        "rss_before_slide_mb": round(baseline_mb),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
 
 def main(sizes=(4096, 16384), encoder_name: str = "vit_tiny", backend: str = "auto", tile_size: int = 1024,
-         workdir: str = "", child: str = "") -> None:
+         tissue_tiles: float = 6.0, workdir: str = "", child: str = "") -> None:
     """Prints one JSON line per slide size and a Markdown table."""
     if child:
         slide, out_dir = child.split(",")
@@ -68,7 +76,9 @@ def main(sizes=(4096, 16384), encoder_name: str = "vit_tiny", backend: str = "au
         slide = os.path.join(workdir, f"slide_{size}.tif")
         if not os.path.isfile(slide):
             start = time.perf_counter()
-            write_synthetic_slide(slide, size, size, seed=1)
+            # one tissue region of about the same area on every slide, so that the slides differ in size only
+            radius = math.sqrt(tissue_tiles / math.pi) * tile_size / size
+            write_synthetic_slide(slide, size, size, seed=1, tissue_regions=1, tissue_radius=(radius, radius))
             print(f"wrote {slide} ({os.path.getsize(slide) / 2**20:.0f} MB) in {time.perf_counter() - start:.0f} s",
                   file=sys.stderr)
         result = subprocess.run(

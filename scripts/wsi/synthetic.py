@@ -21,13 +21,14 @@ __all__ = ["write_synthetic_slide", "demo_slide"]
 BACKGROUND = 244  # the grey-white of glass under a bright field
 
 
-def _tissue_tiles(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Which tiles hold tissue: the union of 1-3 ellipses over the tile grid."""
+def _tissue_tiles(rows: int, cols: int, rng: np.random.Generator, regions: int | None,
+                  radius: tuple[float, float]) -> np.ndarray:
+    """Which tiles hold tissue: the union of ``regions`` (1-3 when None) ellipses over the tile grid."""
     yy, xx = np.mgrid[0:rows, 0:cols]
     tissue = np.zeros((rows, cols), bool)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, 4)) if regions is None else regions):
         cy, cx = rng.uniform(0.25, 0.75) * rows, rng.uniform(0.25, 0.75) * cols
-        ry, rx = rng.uniform(0.15, 0.35) * rows + 0.6, rng.uniform(0.15, 0.35) * cols + 0.6
+        ry, rx = rng.uniform(*radius) * rows + 0.6, rng.uniform(*radius) * cols + 0.6
         tissue |= ((yy + 0.5 - cy) / ry) ** 2 + ((xx + 0.5 - cx) / rx) ** 2 <= 1.0
     return tissue
 
@@ -43,7 +44,8 @@ def _shrink(image: np.ndarray, factor: int) -> np.ndarray:
 
 def write_synthetic_slide(path: str | os.PathLike, height: int, width: int, tile: int = 256, mpp: float = 0.5,
                           seed: int = 0, variants: int = 6, mask_path: str | os.PathLike | None = None,
-                          compression: str = "jpeg") -> Path:
+                          compression: str = "jpeg", tissue_regions: int | None = None,
+                          tissue_radius: tuple[float, float] = (0.15, 0.35)) -> Path:
     """Writes a pyramidal RGB TIFF slide (levels halving down to one tile) and, optionally, its 0/255 gland mask.
 
     Args:
@@ -56,28 +58,36 @@ def write_synthetic_slide(path: str | os.PathLike, height: int, width: int, tile
         variants: how many distinct tissue tiles are generated and reused. Defaults to 6.
         mask_path: where to write the level-0 ground-truth mask as a tiled TIFF. Defaults to None (none).
         compression: TIFF compression of the image levels. Defaults to ``"jpeg"``, as scanners write.
+        tissue_regions: number of elliptical tissue regions. Defaults to None (1 to 3, drawn).
+        tissue_radius: range of the regions' radii as fractions of the slide's height and width. Defaults to
+            (0.15, 0.35).
     """
     rng = np.random.default_rng(seed)
     rows, cols = math.ceil(height / tile), math.ceil(width / tile)
-    tissue = _tissue_tiles(rows, cols, rng)
+    tissue = _tissue_tiles(rows, cols, rng, tissue_regions, tuple(tissue_radius))
     pieces = [synthesize_tile(rng, (tile, tile)) for _ in range(variants)]
     choice = rng.integers(0, variants, size=(rows, cols))
 
+    shrunk: dict[int, list[np.ndarray]] = {}
+
     def level_tile(level: int, top: int, left: int, want_mask: bool = False) -> np.ndarray:
-        """One tile of ``level``: a mosaic of 2^level x 2^level level-0 tiles, shrunk."""
+        """One tile of ``level``: 2^level x 2^level level-0 tiles, each shrunk by 2^level (cached per variant)."""
         span = 2 ** level
-        channels = () if want_mask else (3,)
-        mosaic = np.full((tile * span, tile * span, *channels), 0 if want_mask else BACKGROUND, np.uint8)
+        if want_mask:
+            sources = [mask for _, mask in pieces]
+        else:
+            if level not in shrunk:
+                shrunk[level] = [_shrink(image, span) for image, _ in pieces]
+            sources = shrunk[level]
+        step = tile // span
+        out = np.full((tile, tile, *sources[0].shape[2:]), 0 if want_mask else BACKGROUND, np.uint8)
         row0, col0 = top * span // tile, left * span // tile
         for r in range(row0, min(row0 + span, rows)):
             for c in range(col0, min(col0 + span, cols)):
                 if tissue[r, c]:
-                    image, mask = pieces[choice[r, c]]
-                    mosaic[(r - row0) * tile:(r - row0 + 1) * tile, (c - col0) * tile:(c - col0 + 1) * tile] = \
-                        mask if want_mask else image
-        if want_mask:
-            return mosaic[::span, ::span]
-        return _shrink(mosaic, span)
+                    out[(r - row0) * step:(r - row0 + 1) * step, (c - col0) * step:(c - col0 + 1) * step] = \
+                        sources[choice[r, c]]
+        return out
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +101,7 @@ def write_synthetic_slide(path: str | os.PathLike, height: int, width: int, tile
             writer.write(tiles, shape=(*shape, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
                          compression=compression, subfiletype=1 if level else 0, metadata=None,
                          resolution=(1e4 / level_mpp, 1e4 / level_mpp), resolutionunit="CENTIMETER")
-            if max(shape) <= tile:
+            if max(shape) <= tile or 2 ** (level + 1) > tile:
                 break
             level, shape = level + 1, (math.ceil(shape[0] / 2), math.ceil(shape[1] / 2))
     os.replace(partial, path)

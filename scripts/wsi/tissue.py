@@ -45,9 +45,9 @@ def build_thumbnail(slide: Slide, level: int, factor: float, grid_shape: tuple[i
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation in [0, 1] of an RGB uint8 image."""
-    rgb = rgb.astype(np.float32)
-    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
-    return np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)  # uint8: a float copy of the whole thumbnail is not needed
+    spread = (high - low).astype(np.float32)
+    return np.divide(spread, high, out=np.zeros_like(spread), where=high > 0)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

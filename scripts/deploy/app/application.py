@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+import yaml
+
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, init_app_context
 
@@ -41,7 +43,7 @@ class GlandSegmentationApp(Application):
 
     name = "mpamatch_gland_segmentation"
     description = "Gland segmentation of pathology tiles with the exported UNI-TransUNet (ONNX Runtime)."
-    version = "0.2.0"
+    version = str(yaml.safe_load(APP_CONFIG.read_text())["application"]["version"])  # one place: app.yaml
 
     def compose(self):
         context = init_app_context(self.argv)
