@@ -16,8 +16,8 @@ from PIL import Image
 from scipy import ndimage
 
 from scripts.errors import ConfigError
-from scripts.wsi import (SlideSegmenter, choose_level, mask_to_geojson, open_slide, otsu_threshold, tissue_mask,
-                         write_synthetic_slide, write_tiled_tiff)
+from scripts.wsi import (SlideSegmenter, choose_level, list_slides, mask_to_geojson, open_slide, otsu_threshold,
+                         region_at_scale, tissue_mask, write_synthetic_slide, write_tiled_tiff)
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ["tifffile", "openslide"]
@@ -93,6 +93,41 @@ def test_slide_errors(tmp_path):
         open_slide(bad, "cucumber")
 
 
+def test_unsupported_tiff_layouts_are_named(tmp_path):
+    deep = tmp_path / "deep.tif"
+    tifffile.imwrite(deep, np.zeros((64, 64, 3), np.uint16), tile=(32, 32), photometric="rgb")
+    with pytest.raises(ConfigError, match="stores uint16 samples"):
+        open_slide(deep, "tifffile")
+    planar = tmp_path / "planar.tif"
+    tifffile.imwrite(planar, np.zeros((3, 64, 64), np.uint8), tile=(32, 32), photometric="rgb", planarconfig="separate")
+    with pytest.raises(ConfigError, match="colour planes separately"):
+        open_slide(planar, "tifffile")
+
+
+def test_stripped_tiff_reads_like_the_array(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    path = tmp_path / "stripped.tif"
+    tifffile.imwrite(path, image, rowsperstrip=16, photometric="rgb", compression="zlib")
+    with open_slide(path, "tifffile") as s:
+        np.testing.assert_array_equal(s.read(0, 10, 20, 100, 150), image[10:110, 20:170])
+
+
+def test_resampled_tiles_join_without_seams(slide):
+    factor = 1.37
+    with open_slide(slide, "tifffile") as s:
+        grid = (int(700 / factor), int(1000 / factor))
+        whole = region_at_scale(s, 0, factor, 0, 0, grid).astype(int)
+        tiled = np.zeros_like(whole)
+        for top in range(0, grid[0], 96):
+            for left in range(0, grid[1], 96):
+                h, w = min(96, grid[0] - top), min(96, grid[1] - left)
+                tiled[top:top + h, left:left + w] = region_at_scale(s, 0, factor, top, left, (h, w))
+        assert np.abs(whole - tiled).max() <= 1  # float rounding only
+        # shrinking by exactly 2 averages 2 x 2 pixels, as the slide's own level 1 was made
+        halved = region_at_scale(s, 0, 2.0, 0, 0, (350, 500)).astype(int)
+        assert np.abs(halved - s.read(1, 0, 0, 350, 500).astype(int)).mean() < 3  # JPEG noise
+
+
 def test_otsu_and_tissue_mask():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(0.2, 0.03, 5000), rng.normal(0.7, 0.03, 5000)]).clip(0, 1)
@@ -107,6 +142,11 @@ def test_otsu_and_tissue_mask():
     np.testing.assert_array_equal(mask, expected)
     blank, cut = tissue_mask(np.full((30, 30, 3), 242, np.uint8) + rng.integers(0, 3, (30, 30, 3)).astype(np.uint8))
     assert not blank.any() and cut >= 0.05
+    # a slide that is all tissue, pale to dark: Otsu alone would call the pale half background
+    ramp = np.linspace(0.18, 0.8, 80)
+    stained = np.stack([np.full(80, 230.0), 230 * (1 - ramp), np.full(80, 230.0) * (1 - ramp / 3)], -1)
+    full, cut = tissue_mask(np.broadcast_to(stained, (60, 80, 3)).round().astype(np.uint8))
+    assert full.all() and cut == pytest.approx(0.15)
 
 
 def test_geojson_polygons_cover_exactly_the_mask(tmp_path):
@@ -146,7 +186,7 @@ def test_segmented_slide_equals_whole_image_segmentation(slide, tmp_path, backen
     with tifffile.TiffFile(tmp_path / "s_mask.tif") as tif:
         pages = [p.asarray() for p in tif.pages]
         assert [p.shape for p in pages] == [(700, 1000), (350, 500), (175, 250)]
-        assert json.loads(tif.pages[0].description)["downsample_from_level0"] == 1.0
+        assert json.loads(tif.pages[0].description)["downsample_from_level0"] == [1.0, 1.0]
         x_res = tif.pages[0].tags["XResolution"].value
         assert 1e4 * x_res[1] / x_res[0] == pytest.approx(0.5)
     assert summary["tiles"] == 12 and summary["tiles_skipped_background"] > 0
@@ -192,6 +232,23 @@ def test_resolution_by_mpp_skips_done_slides_and_reports_bad_ones(slide, tmp_pat
     before = (tmp_path / "out" / "good_mask.tif").stat().st_mtime_ns
     segmenter.run(folder / "good.tif")
     assert (tmp_path / "out" / "good_mask.tif").stat().st_mtime_ns == before  # complete outputs are kept
+
+
+def test_name_clashes_and_changed_settings(slide, tmp_path):
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "a.tif").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="share one"):
+        list_slides(tmp_path)
+    inferer = SlidingWindowInferer((32, 32), sw_batch_size=8, mode="gaussian")
+    common = dict(num_classes=2, level=2, tile_size=64, halo=8, mask_scale=255, progress=False)
+    SlideSegmenter(DarkPixels(), inferer, tmp_path / "out", **common).run([str(slide)])
+    first = (tmp_path / "out" / "s_mask.tif").stat().st_mtime_ns
+    redo = SlideSegmenter(DarkPixels(), inferer, tmp_path / "out", simplify=0.0, geojson=False, **common)
+    summary = redo.run([str(slide)])[0]
+    assert (tmp_path / "out" / "s_mask.tif").stat().st_mtime_ns != first  # other settings: redone
+    assert summary["settings"]["simplify"] == 0.0 and "geojson" not in summary["outputs"]
+    assert not (tmp_path / "out" / "s.geojson").exists()  # not left over from the first run
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
 
 
 def test_bad_segmenter_settings():

@@ -65,6 +65,7 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
     work.mkdir(parents=True, exist_ok=True)
     min_size = min_size or tile
     level_paths = [Path(level0)]
+    partial = out.parent / f".{out.name}.partial"
     try:
         with tifffile.TiffFile(level0) as handle:
             shapes = [tuple(int(v) for v in handle.pages[0].shape[:2])]
@@ -72,11 +73,10 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
             previous = level_paths[-1]
             shape = (math.ceil(shapes[-1][0] / 2), math.ceil(shapes[-1][1] / 2))
             path = work / f"level{len(level_paths)}.tif"
+            level_paths.append(path)  # listed before it is written, so a failure still removes it
             with tifffile.TiffFile(previous) as handle:
                 write_tiled_tiff(path, shape, tile, _halve(TiffLevel(handle.pages[0], fill=0), tile))
-            level_paths.append(path)
             shapes.append(shape)
-        partial = out.parent / f".{out.name}.partial"
         with tifffile.TiffWriter(partial, bigtiff=True) as writer:
             for index, (path, shape) in enumerate(zip(level_paths, shapes)):
                 with tifffile.TiffFile(path) as handle:
@@ -87,6 +87,7 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
                                 mpp * 2 ** index if mpp else None, subfiletype=1 if index else 0, **extra)
         os.replace(partial, out)
     finally:
+        partial.unlink(missing_ok=True)
         for path in level_paths[1:]:
             path.unlink(missing_ok=True)
         if work.exists() and not any(work.iterdir()):
@@ -116,20 +117,63 @@ def _run_boxes(mask: np.ndarray, top: int, left: int):
     return shapely.box(left + starts[heads], top + rows[heads], left + ends[heads], top + last_rows + 1)
 
 
-def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int, scale: float,
-                    class_names: Sequence[str], mask_scale: int | None = None, simplify: float = 1.0,
-                    min_area: float = 0.0, colors: Sequence[Sequence[int]] | None = None) -> dict[str, int]:
+class _PieceGroups:
+    """Polygons traced tile by tile, grouped with union-find as they are found to touch; a group is united once,
+    when it is final, so a large object costs one union instead of one per row of tiles it spans."""
+
+    def __init__(self):
+        self.pieces: dict[int, object] = {}
+        self.parent: dict[int, int] = {}
+        self.members: dict[int, list[int]] = {}
+        self._next = 0
+
+    def add(self, geom) -> int:
+        index = self._next
+        self._next += 1
+        self.pieces[index], self.parent[index], self.members[index] = geom, index, [index]
+        return index
+
+    def find(self, index: int) -> int:
+        while self.parent[index] != index:
+            self.parent[index] = self.parent[self.parent[index]]
+            index = self.parent[index]
+        return index
+
+    def join(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            if len(self.members[a]) < len(self.members[b]):
+                a, b = b, a
+            self.parent[b] = a
+            self.members[a].extend(self.members.pop(b))
+
+    def pop_union(self, root: int):
+        import shapely
+
+        members = self.members.pop(root)
+        geoms = [self.pieces.pop(m) for m in members]
+        for m in members:
+            del self.parent[m]
+        return shapely.union_all(geoms)
+
+
+def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int,
+                    scale: float | Sequence[float], class_names: Sequence[str], mask_scale: int | None = None,
+                    simplify: float = 1.0, min_area: float = 0.0,
+                    colors: Sequence[Sequence[int]] | None = None) -> dict[str, int]:
     """Writes the mask of tiled TIFF ``level0`` as a GeoJSON FeatureCollection of QuPath annotations.
 
-    Polygons follow pixel edges, so the pieces of a gland cut by tile borders join exactly: each row of tiles
-    is traced, united with the still-open polygons of the row above, and every polygon that does not reach the
-    row's lower edge is final and written out. Memory holds one tile and the polygons of one row of tiles.
+    Polygons follow pixel edges, so the pieces of a gland cut by tile borders join exactly. Each tile is traced
+    (the union of its pixel runs); a piece that touches a piece of the same row or of the row above's lower edge
+    joins its group; a group with no piece on the current row's lower edge is final: it is united once, simplified
+    and written out. Memory holds one tile and the pieces of the objects still open.
 
     Args:
         level0: the full-resolution mask (values are class index x ``mask_scale``).
         out: the ``.geojson`` file; written atomically.
-        tile: rows of this many pixels are traced at once.
-        scale: multiplies coordinates, from mask pixels to slide level-0 pixels (QuPath's frame).
+        tile: tile size the mask is read and traced in.
+        scale: multiplies coordinates, from mask pixels to slide level-0 pixels (QuPath's frame): one factor, or
+            (y, x) factors.
         class_names: name per class index; index 0 (background) gets no polygons.
         mask_scale: the factor the class indices were stored with (255 for a binary 0/255 mask). Defaults to None (1).
         simplify: Douglas-Peucker tolerance in mask pixels, applied once a polygon is final. Defaults to 1.0.
@@ -141,17 +185,18 @@ def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int
     import shapely
 
     palette = colors or [(0, 0, 0), (40, 200, 90), (230, 160, 20), (60, 120, 230), (220, 60, 60), (150, 80, 200)]
+    scale_y, scale_x = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
+    factors = np.array([scale_x, scale_y])
     step = int(mask_scale or 1)
     counts: dict[str, int] = {}
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
-    with tifffile.TiffFile(level0) as handle:
-        level = TiffLevel(handle.pages[0], fill=0)
-        height, width = level.shape
-        open_geoms: dict[int, list] = {c: [] for c in range(1, len(class_names))}
-        first = True
-        with open(partial, "w") as stream:
+    try:
+        with tifffile.TiffFile(level0) as handle, open(partial, "w") as stream:
+            level = TiffLevel(handle.pages[0], fill=0)
+            height, width = level.shape
             stream.write('{"type": "FeatureCollection", "features": [\n')
+            first = True
 
             def emit(geom, cls: int) -> None:
                 nonlocal first
@@ -162,7 +207,7 @@ def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int
                         continue
                     if simplify > 0:
                         poly = poly.simplify(simplify, preserve_topology=True)
-                    poly = shapely.transform(poly, lambda xy: xy * scale)
+                    poly = shapely.transform(poly, lambda xy: xy * factors)
                     feature = {
                         "type": "Feature",
                         "geometry": shapely.geometry.mapping(poly),
@@ -174,24 +219,31 @@ def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int
                     first = False
                     counts[name] = counts.get(name, 0) + 1
 
+            classes = range(1, len(class_names))
+            groups = {cls: _PieceGroups() for cls in classes}
+            frontier: dict[int, list[int]] = {cls: [] for cls in classes}
             for top in range(0, height, tile):
                 bottom = min(top + tile, height)
-                pieces = {cls: list(geoms) for cls, geoms in open_geoms.items()}
+                new: dict[int, list[int]] = {cls: [] for cls in classes}
                 for left in range(0, width, tile):
                     block = level.read(top, left, bottom - top, min(tile, width - left))[..., 0]
-                    for cls in pieces:
+                    for cls in classes:
                         boxes = _run_boxes(block == cls * step, top, left)
                         if len(boxes):
-                            pieces[cls].append(shapely.union_all(boxes))
-                for cls, geoms in pieces.items():
-                    open_geoms[cls] = []
-                    if not geoms:
-                        continue
-                    for poly in shapely.get_parts(shapely.union_all(geoms)):
-                        if bottom < height and poly.bounds[3] >= bottom:
-                            open_geoms[cls].append(poly)  # may continue into the next row of tiles
-                        else:
-                            emit(poly, cls)
+                            new[cls].extend(groups[cls].add(p) for p in shapely.get_parts(shapely.union_all(boxes)))
+                for cls in classes:
+                    group, candidates = groups[cls], frontier[cls] + new[cls]
+                    if new[cls]:
+                        tree = shapely.STRtree([group.pieces[i] for i in candidates])
+                        hits = tree.query([group.pieces[i] for i in new[cls]], predicate="intersects")
+                        for a, b in zip(*hits):
+                            group.join(new[cls][a], candidates[b])
+                    frontier[cls] = [i for i in new[cls] if bottom < height and group.pieces[i].bounds[3] >= bottom]
+                    still_open = {group.find(i) for i in frontier[cls]}
+                    for root in {group.find(i) for i in candidates} - still_open:
+                        emit(group.pop_union(root), cls)
             stream.write("\n]}\n")
-    os.replace(partial, out)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     return counts

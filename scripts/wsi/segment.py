@@ -48,16 +48,25 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".v
 def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
     """A folder (its slide files, sorted), one slide file, or a list of files."""
     if isinstance(slides, (list, tuple)):
-        return [str(s) for s in slides]
-    path = Path(slides)
-    if path.is_dir():
-        found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
-        if not found:
-            raise ConfigError(f"No slides ({', '.join(SLIDE_SUFFIXES)}) in folder '{path}' (config key 'slides').")
-        return found
-    if not path.is_file():
-        raise ConfigError(f"'slides' = '{path}' is neither a slide file nor a folder of slides.")
-    return [str(path)]
+        found = [str(s) for s in slides]
+    else:
+        path = Path(slides)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+            if not found:
+                raise ConfigError(f"No slides ({', '.join(SLIDE_SUFFIXES)}) in folder '{path}' (config key 'slides').")
+        elif path.is_file():
+            found = [str(path)]
+        else:
+            raise ConfigError(f"'slides' = '{path}' is neither a slide file nor a folder of slides.")
+    by_stem: dict[str, list[str]] = {}
+    for slide in found:
+        by_stem.setdefault(Path(slide).stem, []).append(slide)
+    clashes = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+    if clashes:
+        raise ConfigError("Outputs are named after the slide's file name without its extension, and these slides "
+                          f"share one: {clashes}. Rename them or segment them into different 'wsi_output_dir's.")
+    return found
 
 
 class SlideSegmenter:
@@ -110,6 +119,10 @@ class SlideSegmenter:
         if len(class_names) != num_classes:
             raise ConfigError(f"'class_names' has {len(class_names)} names for {num_classes} classes "
                               f"('num_classes'); give one name per class, background first.")
+        if tissue_downsample < 1:
+            raise ConfigError(f"'tissue_downsample' must be >= 1, got {tissue_downsample}.")
+        if not 0 <= min_tissue_fraction <= 1:
+            raise ConfigError(f"'min_tissue_fraction' must be in [0, 1], got {min_tissue_fraction}.")
         if mask_scale is not None and (num_classes - 1) * mask_scale > 255:
             raise ConfigError(f"'mask_scale' {mask_scale} x {num_classes - 1} classes exceeds 255 in a uint8 mask.")
         self.network, self.inferer = network, inferer
@@ -143,13 +156,34 @@ class SlideSegmenter:
             logger.info("Slide %d/%d: %s", index, len(paths), path)
             try:
                 summaries.append(self.segment(path))
-            except (ConfigError, OSError, ValueError, RuntimeError) as err:
-                failures.append(f"{path}: {err}")
-                logger.error("Slide %s failed (%s); going on with the others.", path, err)
+            except Exception as err:  # one damaged slide must not stop a batch; every failure is listed at the end
+                failures.append(f"{path}: {type(err).__name__}: {err}")
+                logger.error("Slide %s failed (%s: %s); going on with the others.", path, type(err).__name__, err,
+                             exc_info=logger.isEnabledFor(logging.DEBUG))
         if failures:
             raise ConfigError(f"{len(failures)} of {len(paths)} slides failed (the others were segmented):\n  "
                               + "\n  ".join(failures))
         return summaries
+
+    def settings(self) -> dict:
+        """What decides a slide's outputs (besides the network): a slide done with other settings is redone."""
+        return {"level": self.level, "mpp": self.mpp, "tile_size": self.tile_size, "halo": self.halo,
+                "classes": self.class_names, "mask_scale": self.mask_scale, "tissue_detection": self.tissue_detection,
+                "tissue_downsample": self.tissue_downsample, "tissue_threshold": self.tissue_threshold,
+                "min_tissue_fraction": self.min_tissue_fraction, "geojson": self.geojson, "simplify": self.simplify,
+                "min_object_area": self.min_object_area}
+
+    def _done(self, slide_path: str, outputs: dict[str, Path]) -> dict | None:
+        """The summary of an earlier run with the same settings whose outputs all exist, else None."""
+        if self.overwrite or not all(p.is_file() for p in outputs.values()):
+            return None
+        summary = json.loads(outputs["summary"].read_text())
+        if summary.get("settings") != self.settings():
+            logger.info("Outputs of %s exist but were made with other settings; redoing it.", slide_path)
+            return None
+        logger.info("Outputs of %s exist in %s; skipped (set 'wsi_overwrite' true to redo it, e.g. after changing "
+                    "the model).", slide_path, self.output_dir)
+        return summary
 
     @torch.no_grad()
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
@@ -159,75 +193,93 @@ class SlideSegmenter:
             logits = self.inferer(image, self.network)
         return logits[0].float().argmax(dim=0).to(torch.uint8).cpu().numpy()
 
+    def _tissue(self, slide, level: int, factor: float, grid: tuple[int, int], png: Path):
+        """The tissue mask of the processing grid at 1/``tissue_downsample`` (None without detection), its cut."""
+        down = self.tissue_downsample
+        shape = (math.ceil(grid[0] / down), math.ceil(grid[1] / down))
+        tissue, cut = None, None
+        if self.tissue_detection:
+            tissue, cut = tissue_mask(build_thumbnail(slide, level, factor, grid, down))
+        picture = np.full(shape, 255, np.uint8) if tissue is None else tissue.astype(np.uint8) * 255
+        partial = png.with_name(f".{png.name}.partial")
+        Image.fromarray(picture).save(partial, format="PNG")
+        os.replace(partial, png)
+        return tissue, cut
+
+    def _has_tissue(self, tissue: np.ndarray | None, top: int, left: int, h: int, w: int) -> bool:
+        if tissue is None:
+            return True
+        down = self.tissue_downsample
+        window = tissue[top // down:math.ceil((top + h) / down), left // down:math.ceil((left + w) / down)]
+        return window.size > 0 and window.mean() >= max(self.min_tissue_fraction, 1e-9)
+
+    def _write_mask(self, slide, level: int, factor: float, grid: tuple[int, int], tissue, path: Path,
+                    name: str) -> dict:
+        """Segments the grid tile by tile into the tiled TIFF ``path``; returns tile and class-pixel counts."""
+        tile, halo = self.tile_size, self.halo
+        counts = np.zeros(self.num_classes, np.int64)
+        done = {"segmented": 0, "skipped": 0}
+        corners = tile_grid(grid, tile)
+        bar = tqdm(total=len(corners), desc=name, unit="tile", disable=not self.progress, file=sys.stderr,
+                   mininterval=2.0)
+
+        def read_tile(top: int, left: int) -> np.ndarray:
+            out = np.zeros((tile, tile), np.uint8)
+            h, w = min(tile, grid[0] - top), min(tile, grid[1] - left)
+            if self._has_tissue(tissue, top, left, h, w):
+                region = region_at_scale(slide, level, factor, top - halo, left - halo, (h + 2 * halo, w + 2 * halo))
+                labels = self._segment_tile(region)[halo:halo + h, halo:halo + w]
+                counts[:] += np.bincount(labels.ravel(), minlength=self.num_classes)[:self.num_classes]
+                out[:h, :w] = labels * (self.mask_scale or 1)
+                done["segmented"] += 1
+            else:
+                counts[0] += h * w
+                done["skipped"] += 1
+            bar.update(1)
+            return out
+
+        try:
+            write_tiled_tiff(path, grid, tile, read_tile)
+        finally:
+            bar.close()
+        return {"tiles": len(corners), "tiles_segmented": done["segmented"],
+                "tiles_skipped_background": done["skipped"], "counts": counts}
+
     def segment(self, slide_path: str) -> dict:
         """Segments one slide; returns (and writes) its summary."""
         outputs = self.outputs(slide_path)
-        if not self.overwrite and all(p.is_file() for p in outputs.values()):
-            logger.info("Outputs of %s exist in %s; skipped (set 'wsi_overwrite' true to redo it).",
-                        slide_path, self.output_dir)
-            return json.loads(outputs["summary"].read_text())
+        earlier = self._done(slide_path, outputs)
+        if earlier is not None:
+            return earlier
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        stale = self.output_dir / f"{Path(slide_path).stem}.geojson"
+        if not self.geojson and stale.is_file():
+            logger.info("Removing %s from an earlier run: 'wsi_geojson' is off now.", stale)
+            stale.unlink()
         if hasattr(self.network, "eval"):
             self.network.eval()
         start = time.perf_counter()
+        level0 = self.output_dir / f".{Path(slide_path).stem}_mask.level0.tif"
         with open_slide(slide_path, self.backend) as slide:
             level, factor = choose_level(slide, self.level, self.mpp)
             level_h, level_w = slide.level_shapes[level]
             grid = (max(1, int(level_h / factor)), max(1, int(level_w / factor)))
-            tile, halo, down = self.tile_size, self.halo, self.tissue_downsample
-
-            tissue, cut = None, None
-            if self.tissue_detection:
-                thumb = build_thumbnail(slide, level, factor, grid, down)
-                tissue, cut = tissue_mask(thumb, self.tissue_threshold)
-                Image.fromarray(tissue.astype(np.uint8) * 255).save(outputs["tissue"])
-            else:
-                Image.fromarray(np.full((max(1, grid[0] // down), max(1, grid[1] // down)), 255, np.uint8)).save(
-                    outputs["tissue"])
-
-            corners = tile_grid(grid, tile)
-            counts = np.zeros(self.num_classes, np.int64)
-            done = {"segmented": 0, "skipped": 0}
-            bar = tqdm(total=len(corners), desc=Path(slide_path).name, unit="tile", disable=not self.progress,
-                       file=sys.stderr, mininterval=2.0)
-
-            def read_tile(top: int, left: int) -> np.ndarray:
-                out = np.zeros((tile, tile), np.uint8)
-                h, w = min(tile, grid[0] - top), min(tile, grid[1] - left)
-                has_tissue = True
-                if tissue is not None:
-                    window = tissue[top // down:math.ceil((top + h) / down), left // down:math.ceil((left + w) / down)]
-                    has_tissue = window.size > 0 and window.mean() >= max(self.min_tissue_fraction, 1e-9)
-                if has_tissue:
-                    region = region_at_scale(slide, level, factor, top - halo, left - halo, (h + 2 * halo, w + 2 * halo))
-                    labels = self._segment_tile(region)[halo:halo + h, halo:halo + w]
-                    counts[:] += np.bincount(labels.ravel(), minlength=self.num_classes)[:self.num_classes]
-                    out[:h, :w] = labels * (self.mask_scale or 1)
-                    done["segmented"] += 1
-                else:
-                    counts[0] += h * w
-                    done["skipped"] += 1
-                bar.update(1)
-                return out
-
-            level0 = self.output_dir / f".{Path(slide_path).stem}_mask.level0.tif"
+            tissue, cut = self._tissue(slide, level, factor, grid, outputs["tissue"])
             try:
-                write_tiled_tiff(level0, grid, tile, read_tile)
-                bar.close()
+                tiles = self._write_mask(slide, level, factor, grid, tissue, level0, Path(slide_path).name)
                 grid_mpp = slide.level_mpp(level) * factor if slide.mpp is not None else None
-                scale = slide.downsamples[level] * factor
+                scale = tuple(s * factor for s in slide.level_scales[level])  # mask pixel -> level-0 pixel, (y, x)
                 description = {"source": str(slide_path), "level": level, "resize_factor": factor,
-                               "downsample_from_level0": scale, "mpp": grid_mpp, "classes": self.class_names,
+                               "downsample_from_level0": list(scale), "mpp": grid_mpp, "classes": self.class_names,
                                "mask_scale": self.mask_scale or 1}
-                levels = write_mask_pyramid(level0, outputs["mask"], tile, grid_mpp, description)
+                levels = write_mask_pyramid(level0, outputs["mask"], self.tile_size, grid_mpp, description)
                 polygons = {}
                 if self.geojson:
-                    polygons = mask_to_geojson(level0, outputs["geojson"], tile, scale, self.class_names,
+                    polygons = mask_to_geojson(level0, outputs["geojson"], self.tile_size, scale, self.class_names,
                                                self.mask_scale, self.simplify, self.min_object_area)
             finally:
-                bar.close()
                 level0.unlink(missing_ok=True)
-
+            counts = tiles.pop("counts")
             total = max(int(counts.sum()), 1)
             summary = {
                 "slide": str(slide_path),
@@ -239,19 +291,18 @@ class SlideSegmenter:
                 "mask_shape": list(grid),
                 "mask_mpp": grid_mpp,
                 "mask_levels": [list(s) for s in levels],
-                "tiles": len(corners),
-                "tiles_segmented": done["segmented"],
-                "tiles_skipped_background": done["skipped"],
+                **tiles,
                 "tissue_threshold": cut,
                 "class_fractions": {name: round(int(n) / total, 6) for name, n in zip(self.class_names, counts)},
                 "polygons": polygons,
                 "seconds": round(time.perf_counter() - start, 2),
                 "outputs": {key: str(p) for key, p in outputs.items()},
+                "settings": self.settings(),
             }
         partial = outputs["summary"].with_name(f".{outputs['summary'].name}.partial")
         partial.write_text(json.dumps(summary, indent=2))
         os.replace(partial, outputs["summary"])
         logger.info("%s: %d of %d tiles segmented (%d background), %s, %.1f s -> %s", Path(slide_path).name,
-                    done["segmented"], len(corners), done["skipped"], polygons or "no polygons", summary["seconds"],
-                    outputs["mask"])
+                    tiles["tiles_segmented"], tiles["tiles"], tiles["tiles_skipped_background"],
+                    polygons or "no polygons", summary["seconds"], outputs["mask"])
         return summary

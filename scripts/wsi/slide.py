@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -28,29 +29,58 @@ __all__ = ["Slide", "TiffLevel", "open_slide", "SLIDE_BACKENDS"]
 logger = logging.getLogger(__name__)
 
 SLIDE_BACKENDS = ("auto", "openslide", "tifffile")
+MPP_RANGE = (0.02, 50.0)  # microns per pixel that a microscope slide can plausibly have
 
 
 class TiffLevel:
     """Random access to rectangles of one TIFF page, decoding only the tiles or strips that a rectangle touches.
 
+    Decoded segments are kept in a small least-recently-used cache (``cache_mb``), so the margins that
+    neighbouring tiles share are decoded once.
+
     Args:
-        page: a ``tifffile.TiffPage`` (tiled or stripped, any compression tifffile can decode).
+        page: a ``tifffile.TiffPage`` of 8-bit samples, interleaved (tiled or stripped, any compression tifffile
+            decodes).
         fill: value for the parts of a rectangle outside the page. Defaults to 255 (white, the slide background).
+        cache_mb: size of the decoded-segment cache. Defaults to 64.
+        source: the file name and level for messages. Defaults to the page's file name.
+
+    Raises:
+        ConfigError: the page is not 8-bit or stores its colour planes separately; the message names the file.
     """
 
-    def __init__(self, page, fill: int = 255):
+    def __init__(self, page, fill: int = 255, cache_mb: float = 64.0, source: str | None = None):
         self.page = page
         self.fill = fill
+        self.source = source or str(page.parent.filehandle.path)
+        if page.dtype != np.uint8:
+            raise ConfigError(f"'{self.source}' stores {page.dtype} samples; whole-slide inference reads 8-bit RGB. "
+                              "Convert it to an 8-bit pyramidal TIFF first (e.g. vips tiffsave --tile --pyramid "
+                              "after vips cast uchar).")
+        if page.planarconfig == 2 and page.samplesperpixel > 1:
+            raise ConfigError(f"'{self.source}' stores its colour planes separately (PlanarConfiguration 2), "
+                              "which this reader does not assemble; use slide_backend 'openslide' or convert it to "
+                              "an interleaved pyramidal TIFF (vips tiffsave --tile --pyramid).")
         self.height, self.width = int(page.imagelength), int(page.imagewidth)
         self.channels = int(page.samplesperpixel)
         if page.is_tiled:
             self.seg_h, self.seg_w = int(page.tilelength), int(page.tilewidth)
         else:
             self.seg_h, self.seg_w = int(page.rowsperstrip or self.height), self.width
+            self.seg_h = min(self.seg_h, self.height)
         self.seg_cols = math.ceil(self.width / self.seg_w)
+        segment_mb = self.seg_h * self.seg_w * self.channels / 2**20
+        if segment_mb > 64:
+            logger.warning("'%s' is stored in strips of %d x %d pixels (%.0f MB decoded each): every region read "
+                           "decodes whole strips, so memory follows the strip size. A tiled pyramidal TIFF "
+                           "(vips tiffsave --tile --pyramid) reads much faster.", self.source, self.seg_h,
+                           self.seg_w, segment_mb)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_items = max(1, int(cache_mb // max(segment_mb, 1e-6)))
         self._decode = page.decode
         self._fh = page.parent.filehandle
-        self._jpegtables = getattr(page, "jpegtables", None)
+        self._decode_args = {"jpegtables": getattr(page, "jpegtables", None),
+                             "jpegheader": getattr(page.keyframe, "jpegheader", None)}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,18 +88,30 @@ class TiffLevel:
 
     def _segment(self, row: int, col: int) -> np.ndarray:
         index = row * self.seg_cols + col
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
         offset, count = self.page.dataoffsets[index], self.page.databytecounts[index]
         if count == 0:  # a tile the writer left empty
-            return np.full((self.seg_h, self.seg_w, self.channels), self.fill, self.page.dtype)
-        self._fh.seek(offset)
-        data = self._fh.read(count)
-        decoded, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
-        # tifffile returns (planes, depth, length, width, samples) for a segment
-        return decoded.reshape(decoded.shape[-3:])
+            segment = np.full((self.seg_h, self.seg_w, self.channels), self.fill, np.uint8)
+        else:
+            self._fh.seek(offset)
+            data = self._fh.read(count)
+            try:
+                decoded, _, _ = self._decode(data, index, **self._decode_args)
+            except Exception as err:  # codecs raise their own types; say where the damage is
+                raise ConfigError(f"'{self.source}': cannot decode {'tile' if self.page.is_tiled else 'strip'} "
+                                  f"{index} (row {row}, column {col}, file offset {offset}): {err}") from err
+            # tifffile returns (planes, depth, length, width, samples) for a segment
+            segment = decoded.reshape(decoded.shape[-3:])
+        self._cache[index] = segment
+        if len(self._cache) > self._cache_items:
+            self._cache.popitem(last=False)
+        return segment
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         """The ``height`` x ``width`` x channels rectangle at (``top``, ``left``); outside the page is ``fill``."""
-        out = np.full((height, width, self.channels), self.fill, dtype=self.page.dtype)
+        out = np.full((height, width, self.channels), self.fill, dtype=np.uint8)
         y0, x0 = max(top, 0), max(left, 0)
         y1, x1 = min(top + height, self.height), min(left + width, self.width)
         if y0 >= y1 or x0 >= x1:
@@ -98,8 +140,10 @@ class Slide:
         else:
             count = reader.get_level_count(handle)
             self.level_shapes = [tuple(int(v) for v in reader.get_size(handle, lv)) for lv in range(count)]
-        base_h = self.level_shapes[0][0]
-        self.downsamples = [base_h / shape[0] for shape in self.level_shapes]
+        base_h, base_w = self.level_shapes[0]
+        # per axis: pyramids whose sizes do not halve exactly have slightly different y and x factors
+        self.level_scales = [(base_h / h, base_w / w) for h, w in self.level_shapes]
+        self.downsamples = [(sy + sx) / 2 for sy, sx in self.level_scales]
         self.mpp = self._read_mpp()
 
     @property
@@ -115,9 +159,15 @@ class Slide:
                 mpp_y, mpp_x = _tiff_mpp(self._levels[0].page)
         except (ValueError, KeyError, TypeError, ZeroDivisionError):
             return None
-        if not mpp_x or not mpp_y or not math.isfinite(mpp_x) or mpp_x <= 0:
+        values = [float(mpp_x or 0), float(mpp_y or 0)]
+        if not all(math.isfinite(v) and v > 0 for v in values):
             return None
-        return float((mpp_x + mpp_y) / 2)
+        mpp = sum(values) / 2
+        if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:  # e.g. a 72-dpi default written by a converter
+            logger.warning("'%s' records %.4g um/px, outside the range of microscopy %s; it is ignored, so give "
+                           "'wsi_level' instead of 'wsi_mpp'.", self.path, mpp, MPP_RANGE)
+            return None
+        return mpp
 
     def level_mpp(self, level: int) -> float | None:
         return None if self.mpp is None else self.mpp * self.downsamples[level]
@@ -141,8 +191,9 @@ class Slide:
         y1, x1 = min(top + height, level_h), min(left + width, level_w)
         if y0 >= y1 or x0 >= x1:
             return out
-        scale = self.downsamples[level]
-        location = (int(round(y0 * scale)), int(round(x0 * scale)))  # MONAI takes the level-0 top-left corner
+        # MONAI takes the level-0 top-left corner; OpenSlide maps it back with its own downsample factor
+        scale = float(self._reader.get_downsample_ratio(self._handle, level))
+        location = (int(round(y0 * scale)), int(round(x0 * scale)))
         patch, _ = self._reader.get_data(self._handle, location=location, size=(y1 - y0, x1 - x0), level=level)
         out[y0 - top:y1 - top, x0 - left:x1 - left] = np.asarray(patch)[..., :3]
         return out
@@ -215,7 +266,12 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
             levels = None
             if name == "tifffile":
                 series = handle.series[0]
-                levels = [TiffLevel(level.keyframe) for level in series.levels]
+                levels = [TiffLevel(level.keyframe, source=f"{path} (level {index})")
+                          for index, level in enumerate(series.levels)]
+                if len(levels) == 1 and len(handle.pages) > 1:
+                    logger.warning("tifffile finds no pyramid in '%s' (its %d pages are not marked as reduced "
+                                   "levels), so every read is at full resolution; OpenSlide may know its layout.",
+                                   path, len(handle.pages))
             slide = Slide(path, name, handle, reader, levels)
         except Exception as err:  # each backend raises its own error types for unreadable files
             errors.append(f"{name}: {type(err).__name__}: {err}")
@@ -259,16 +315,26 @@ def choose_level(slide: Slide, level: int | None = None, mpp: float | None = Non
 
 
 def region_at_scale(slide: Slide, level: int, factor: float, top: int, left: int, size: Sequence[int]) -> np.ndarray:
-    """An RGB region of ``size`` pixels in the target grid (level ``level`` shrunk by ``factor``)."""
+    """An RGB region of ``size`` pixels in the target grid: level ``level`` shrunk by ``factor``.
+
+    Target pixel (y, x) is the average of the source area [y f, (y + 1) f) x [x f, (x + 1) f), sampled on a
+    ceil(f) x ceil(f) grid with bilinear interpolation (``torchvision.ops.roi_align``). The area depends only on
+    the pixel's absolute position, so neighbouring tiles resample seamlessly and the grid maps to the level by
+    exactly ``factor``.
+    """
     height, width = int(size[0]), int(size[1])
     if factor == 1.0:
         return slide.read(level, top, left, height, width)
     import torch
-    import torch.nn.functional as F
+    from torchvision.ops import roi_align
 
-    src_top, src_left = int(math.floor(top * factor)), int(math.floor(left * factor))
-    src_h, src_w = int(math.ceil(height * factor)), int(math.ceil(width * factor))
+    src_top, src_left = math.floor(top * factor) - 1, math.floor(left * factor) - 1
+    src_h = math.ceil((top + height) * factor) + 1 - src_top
+    src_w = math.ceil((left + width) * factor) + 1 - src_left
     region = slide.read(level, src_top, src_left, src_h, src_w)
     tensor = torch.from_numpy(region).permute(2, 0, 1)[None].float()
-    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    box = torch.tensor([[0.0, left * factor - src_left, top * factor - src_top,
+                         (left + width) * factor - src_left, (top + height) * factor - src_top]], dtype=torch.float64)
+    resized = roi_align(tensor, box.float(), output_size=(height, width), spatial_scale=1.0,
+                        sampling_ratio=math.ceil(factor), aligned=True)
     return resized[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

@@ -1,9 +1,10 @@
 """Tissue detection on a low-resolution thumbnail, so that background tiles of a slide are never segmented.
 
 The thumbnail is assembled block by block from the coarsest pyramid level that is fine enough, so building it
-never decodes a whole level. Tissue is where the colour saturation exceeds a threshold (Otsu's by default, never
-below ``min_threshold`` so that an empty slide is not thresholded on noise), closed, hole-filled and cleared of
-specks smaller than ``min_area``.
+never decodes a whole level. Tissue is where the colour saturation exceeds a threshold (Otsu's by default, kept
+between ``min_threshold``, so that an empty slide is not thresholded on noise, and ``max_threshold``, so that a
+slide that is all tissue is not split into pale and dark tissue), closed, hole-filled and cleared of specks
+smaller than ``min_area``.
 """
 
 from __future__ import annotations
@@ -65,19 +66,24 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def tissue_mask(thumbnail: np.ndarray, threshold: float | None = None, min_threshold: float = 0.05,
-                min_area: int = 16, closing: int = 2) -> tuple[np.ndarray, float]:
+                max_threshold: float = 0.15, min_area: int = 16, closing: int = 2) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of an RGB thumbnail and the saturation threshold used.
 
     Args:
         thumbnail: H x W x 3 uint8.
         threshold: saturation cut in [0, 1]; None for Otsu's threshold. Defaults to None.
-        min_threshold: lower bound of the cut, so that a blank slide yields no tissue. Defaults to 0.05.
+        min_threshold: lower bound of Otsu's cut, so that a blank slide yields no tissue. Defaults to 0.05.
+        max_threshold: upper bound of Otsu's cut. On a slide that is (nearly) all tissue, Otsu splits the tissue
+            itself into pale and dark halves; stained tissue is more saturated than this, glass much less.
+            Defaults to 0.15.
         min_area: tissue components smaller than this many thumbnail pixels are dropped. Defaults to 16.
         closing: iterations of binary closing that bridge small gaps. Defaults to 2.
     """
     sat = saturation(thumbnail)
-    cut = otsu_threshold(sat) if threshold is None else float(threshold)
-    cut = max(cut, min_threshold)
+    if threshold is None:
+        cut = min(max(otsu_threshold(sat), min_threshold), max_threshold)
+    else:
+        cut = float(threshold)
     mask = sat > cut
     if closing > 0:
         mask = ndimage.binary_closing(mask, iterations=closing, border_value=0) | mask
