@@ -6,6 +6,7 @@ one-line error messages are what users get.
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,7 @@ def tiny_network():
 def test_training_writes_checkpoints_and_reports_dice(trained):
     out, log = trained
     assert "Training finished after 2 epochs (4 iterations): best validation Dice" in log
+    assert re.search(r"Training speed: \d+\.\d+ s/it over 4 iterations of this run", log)
     assert "val_mean_dice" in log
     model = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     tiny_network().load_state_dict(model["model"], strict=True)

@@ -284,3 +284,19 @@ def test_bundle_runs_whole_slide_inference(slide, tmp_path):
         mask = tif.pages[0].asarray()
     assert mask.shape == (350, 500) and set(np.unique(mask)) <= {0, 255}
     assert "of 4 tiles segmented" in result.stdout + result.stderr
+
+
+def test_demo_slide_stays_out_of_the_demo_data_folder(tmp_path, monkeypatch):
+    from monai.bundle import ConfigParser
+
+    from scripts.data import ensure_demo_dataset
+
+    monkeypatch.setenv("MPAMATCH_CACHE", str(tmp_path))
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundle/configs/inference.json"), str(REPO / "bundle/configs/inference_wsi.json")])
+    slide = Path(parser.get_parsed_content("slides"))
+    assert slide.is_file() and slide.suffix == ".tif"
+    demo_dir = Path(parser.get_parsed_content("demo_dir"))
+    assert demo_dir not in slide.parents
+    # training's demo data can still be generated after the demo slide was
+    ensure_demo_dataset(demo_dir, seed=0, n_labeled=1, n_unlabeled=1, n_validation=1, n_test=1, image_size=(64, 64))

@@ -38,12 +38,14 @@ def _measure(slide: str, out_dir: str, encoder_name: str, backend: str, tile_siz
     parser.read_config([os.path.join(CONFIGS, "inference.json"), os.path.join(CONFIGS, "inference_wsi.json")])
     parser["encoder_name"] = encoder_name
     torch.manual_seed(0)
-    network = parser.get_parsed_content("network_def").eval()
+    device = parser.get_parsed_content("device")  # CUDA when there, with bf16 autocast (inference.json's amp)
+    network = parser.get_parsed_content("network_def").eval().to(device)
     segmenter = SlideSegmenter(network, parser.get_parsed_content("inferer"), out_dir, num_classes=2,
                                tile_size=tile_size, halo=parser.get_parsed_content("wsi_halo"), mask_scale=255,
-                               backend=backend, progress=False, overwrite=True)
+                               backend=backend, progress=False, overwrite=True, device=device,
+                               amp=parser.get_parsed_content("amp"))
     with torch.no_grad():  # one window through the network first: the baseline holds the model's own memory
-        segmenter.inferer(torch.zeros(1, 3, 256, 256), network)
+        segmenter.inferer(torch.zeros(1, 3, 256, 256, device=device), network)
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     summary = segmenter.segment(slide)
@@ -58,6 +60,7 @@ def _measure(slide: str, out_dir: str, encoder_name: str, backend: str, tile_siz
         "polygons": sum(summary["polygons"].values()),
         "rss_before_slide_mb": round(baseline_mb),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "device": str(device),
     }
 
 

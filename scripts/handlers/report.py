@@ -30,7 +30,11 @@ class TrainingSummary:
         self.metric_label = metric_label
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        self._start, self._first_iteration = time.perf_counter(), engine.state.iteration
 
     def __call__(self, engine: Engine) -> None:
         state = self.evaluator.state
@@ -41,6 +45,16 @@ class TrainingSummary:
         )
         logger.info(message)
         print(message, flush=True)
+        steps = engine.state.iteration - getattr(self, "_first_iteration", 0)
+        if steps > 0 and hasattr(self, "_start"):
+            import torch
+
+            seconds = (time.perf_counter() - self._start) / steps
+            speed = f"Training speed: {seconds:.3f} s/it over {steps} iterations of this run (validation included)"
+            if torch.cuda.is_available():
+                speed += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+            logger.info(speed)
+            print(speed, flush=True)
 
 
 class ProgressLogger:

@@ -85,7 +85,7 @@ class SlideSegmenter:
         tile_size: output tile size in pixels (also the TIFF tile size; a multiple of 16). Defaults to 1024.
         halo: context margin read around each tile, in pixels. Defaults to 64.
         device: where tiles are segmented. Defaults to CPU.
-        amp: autocast on CUDA. Defaults to False.
+        amp: bf16 autocast on CUDA. Defaults to False.
         mask_scale: stored value = class index x ``mask_scale`` (255 makes a binary mask 0/255). Defaults to None (1).
         tissue_detection: skip tiles without tissue. Defaults to True.
         tissue_downsample: thumbnail size relative to the processing grid. Defaults to 16.
@@ -189,7 +189,7 @@ class SlideSegmenter:
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
         image = torch.from_numpy(region).to(self.device).permute(2, 0, 1)[None].float()
         image = (image - self._mean) / self._std
-        with torch.autocast(self.device.type, enabled=self.amp and self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda"):
             logits = self.inferer(image, self.network)
         return logits[0].float().argmax(dim=0).to(torch.uint8).cpu().numpy()
 

@@ -116,8 +116,11 @@ def write_synthetic_slide(path: str | os.PathLike, height: int, width: int, tile
 
 
 def demo_slide(root: str | os.PathLike, height: int = 3072, width: int = 4096, seed: int = 0) -> str:
-    """The demo slide under ``root`` (generated once, then reused): a 3072 x 4096 pyramidal TIFF at 0.5 um/px."""
-    path = Path(root) / "slides" / f"demo_slide_{height}x{width}_s{seed}.tif"
+    """The demo slide in ``root`` (generated once, then reused): a 3072 x 4096 pyramidal TIFF at 0.5 um/px.
+
+    Keep ``root`` apart from the demo data set's folder, which must hold nothing but that data set.
+    """
+    path = Path(root) / f"demo_slide_{height}x{width}_s{seed}.tif"
     if not path.is_file():
         write_synthetic_slide(path, height, width, seed=seed)
     return str(path)

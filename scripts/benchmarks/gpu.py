@@ -1,0 +1,131 @@
+"""One prepared run of the GPU checks: bf16 MPAMatch training steps, inference throughput, whole-slide throughput.
+
+    python -m scripts.benchmarks.gpu --out results/            # on a CUDA machine
+    python -m scripts.benchmarks.gpu --out /tmp/g --smoke true  # the same plumbing on a CPU, tiny sizes
+
+Each check runs as its own command with a time limit, its log and a JSON record written to ``--out``, so a
+check that fails or runs out of time leaves the others' results; ``gpu_report.md`` gathers what finished:
+
+1. ``training``: the README's training command for one epoch with the method's recipe (UNI-size ViT-L/16 with
+   random weights, 256 crops, 8 + 8 images per step, wide decoder) in bf16 autocast (train.json's ``amp`` and
+   ``amp_dtype``) on the demo data; seconds per step, validation Dice and peak GPU memory from the log;
+2. ``inference``: ``scripts.benchmarks.inference`` with bf16 for ``vit_small`` and ``uni`` (PyTorch on the GPU;
+   ONNX Runtime with its CUDA provider where onnxruntime-gpu has one, else the provider it names);
+3. ``wsi``: ``scripts.benchmarks.wsi`` on a generated 16384 x 16384 slide with the GPU.
+
+``docs/benchmarks.md`` ("GPU checks") says how to carry the packages a bare GPU machine lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+
+__all__ = ["main"]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _environment() -> dict:
+    import torch
+
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported(),
+                    gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    try:
+        import onnxruntime
+
+        info.update(onnxruntime=onnxruntime.__version__, ort_providers=onnxruntime.get_available_providers())
+    except ImportError:
+        info.update(onnxruntime=None)
+    return info
+
+
+def _run(name: str, command: list[str], out: Path, timeout: int) -> dict:
+    """Runs one check; its combined output goes to ``<out>/<name>.log``."""
+    print(f"[{name}] {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    try:
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        log, status = result.stdout + result.stderr, "ok" if result.returncode == 0 else f"exit {result.returncode}"
+    except subprocess.TimeoutExpired as err:
+        log = (err.stdout or b"").decode(errors="replace") + (err.stderr or b"").decode(errors="replace")
+        status = f"timed out after {timeout} s"
+    (out / f"{name}.log").write_text(log)
+    record = {"check": name, "status": status, "seconds": round(time.perf_counter() - start, 1)}
+    print(f"[{name}] {status} in {record['seconds']} s", flush=True)
+    return record | {"log": log}
+
+
+def _training_figures(log: str) -> dict:
+    steps = [float(v) for v in re.findall(r"Training speed: (\d+\.\d+) s/it", log)]
+    dice = re.findall(r"val_mean_dice: (\d+\.\d+)", log)
+    gpu = re.findall(r"peak GPU memory (\d+) MB", log)
+    return {"s_per_step": steps[-1] if steps else None, "val_dice": float(dice[-1]) if dice else None,
+            "peak_gpu_mb": int(gpu[-1]) if gpu else None}
+
+
+def _table_rows(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("|")]
+
+
+def main(out: str = "gpu_results", smoke: bool = False, timeout: int = 240) -> str:
+    """Runs the three checks and writes ``<out>/gpu_report.md``; returns its path."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = _environment()
+    print(json.dumps(env), flush=True)
+    python = sys.executable
+    if smoke:  # the same commands at sizes a CPU finishes in minutes
+        train_net = ["--encoder_name", "vit_tiny", "--roi_size", "[64,64]", "--labeled_batch_size", "2",
+                     "--unlabeled_batch_size", "2", "--text_cfg", "{'layers': 1, 'width': 64, 'heads': 2}"]
+        encoders, wsi = ["vit_tiny"], ["--sizes", "[2048]", "--encoder_name", "vit_tiny", "--tissue_tiles", "1"]
+        bench = ["--tiles", "8", "--repeats", "1"]
+    else:
+        train_net = ["--encoder_name", "uni", "--roi_size", "[256,256]", "--labeled_batch_size", "8",
+                     "--unlabeled_batch_size", "8", "--skip_channels", "[512,256,64]",
+                     "--decoder_channels", "[256,128,64,16]"]
+        encoders, wsi = ["vit_small", "uni"], ["--sizes", "[16384]", "--encoder_name", "vit_small"]
+        bench = ["--tiles", "256", "--repeats", "3"]
+    records = []
+    training = _run("training", [python, "-m", "monai.bundle", "run", "training", "--config_file",
+                                 "bundle/configs/train.json", "--bundle_root", str(out_dir / "bundle"),
+                                 "--num_epochs", "1", *train_net], out_dir, timeout)
+    records.append(training | _training_figures(training["log"]))
+    for encoder in encoders:
+        record = _run(f"inference_{encoder}", [python, "-m", "scripts.benchmarks.inference", "--encoder_name",
+                                               encoder, "--amp", "true", *bench], out_dir, timeout)
+        records.append(record | {"table": _table_rows(record["log"])})
+    record = _run("wsi", [python, "-m", "scripts.benchmarks.wsi", "--workdir", str(out_dir / "wsi"), *wsi],
+                  out_dir, timeout)
+    records.append(record | {"table": _table_rows(record["log"])})
+
+    lines = ["# GPU checks", "", "```json", json.dumps(env, indent=2), "```", ""]
+    for record in records:
+        lines.append(f"## {record['check']}: {record['status']} ({record['seconds']} s)")
+        lines.append("")
+        if record["check"] == "training":
+            lines.append(f"seconds per step {record['s_per_step']}, validation Dice {record['val_dice']}, "
+                         f"peak GPU memory {record['peak_gpu_mb']} MB")
+        lines.extend(record.get("table", []))
+        lines.append("")
+    report = out_dir / "gpu_report.md"
+    report.write_text("\n".join(lines))
+    checks = [{key: value for key, value in r.items() if key != "log"} for r in records]
+    (out_dir / "gpu_report.json").write_text(json.dumps({"environment": env, "checks": checks}, indent=2))
+    print(report.read_text(), flush=True)
+    return str(report)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
