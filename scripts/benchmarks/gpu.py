@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -55,11 +56,15 @@ def _run(name: str, command: list[str], out: Path, timeout: int) -> dict:
     start = time.perf_counter()
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    # a session of its own, so that a check out of time is stopped with every process it started
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        log, status = result.stdout + result.stderr, "ok" if result.returncode == 0 else f"exit {result.returncode}"
-    except subprocess.TimeoutExpired as err:
-        log = (err.stdout or b"").decode(errors="replace") + (err.stderr or b"").decode(errors="replace")
+        log, _ = process.communicate(timeout=timeout)
+        status = "ok" if process.returncode == 0 else f"exit {process.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
         status = f"timed out after {timeout} s"
     (out / f"{name}.log").write_text(log)
     record = {"check": name, "status": status, "seconds": round(time.perf_counter() - start, 1)}
