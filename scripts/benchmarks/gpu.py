@@ -3,8 +3,9 @@
     python -m scripts.benchmarks.gpu --out results/            # on a CUDA machine
     python -m scripts.benchmarks.gpu --out /tmp/g --smoke true  # the same plumbing on a CPU, tiny sizes
 
-Each check runs as its own command with a time limit, its log and a JSON record written to ``--out``, so a
-check that fails or runs out of time leaves the others' results; ``gpu_report.md`` gathers what finished:
+Each check runs as its own command with a time limit (four commands: inference runs once per encoder), its log
+written to ``--out``; ``gpu_report.md`` and ``gpu_report.json`` are rewritten after each, so a check that fails
+or runs out of time, or a run stopped from outside, leaves the results of those that finished:
 
 1. ``training``: the README's training command for one epoch with the method's recipe (UNI-size ViT-L/16 with
    random weights, 256 crops, 8 + 8 images per step, wide decoder) in bf16 autocast (train.json's ``amp`` and
@@ -102,32 +103,36 @@ def main(out: str = "gpu_results", smoke: bool = False, timeout: int = 240) -> s
                      "--decoder_channels", "[256,128,64,16]"]
         encoders, wsi = ["vit_small", "uni"], ["--sizes", "[16384]", "--encoder_name", "vit_small"]
         bench = ["--tiles", "256", "--repeats", "3"]
-    records = []
+    records: list[dict] = []
+    report = out_dir / "gpu_report.md"
+
+    def record(entry: dict) -> None:
+        """Keeps ``entry`` and rewrites the reports, so a run stopped from outside keeps what finished."""
+        records.append(entry)
+        lines = ["# GPU checks", "", "```json", json.dumps(env, indent=2), "```", ""]
+        for item in records:
+            lines.append(f"## {item['check']}: {item['status']} ({item['seconds']} s)")
+            lines.append("")
+            if item["check"] == "training":
+                lines.append(f"seconds per step (validation included) {item['s_per_step']}, validation Dice "
+                             f"{item['val_dice']}, peak GPU memory {item['peak_gpu_mb']} MB")
+            lines.extend(item.get("table", []))
+            lines.append("")
+        report.write_text("\n".join(lines))
+        checks = [{key: value for key, value in r.items() if key != "log"} for r in records]
+        (out_dir / "gpu_report.json").write_text(json.dumps({"environment": env, "checks": checks}, indent=2))
+
     training = _run("training", [python, "-m", "monai.bundle", "run", "training", "--config_file",
                                  "bundle/configs/train.json", "--bundle_root", str(out_dir / "bundle"),
                                  "--num_epochs", "1", *train_net], out_dir, timeout)
-    records.append(training | _training_figures(training["log"]))
+    record(training | _training_figures(training["log"]))
     for encoder in encoders:
-        record = _run(f"inference_{encoder}", [python, "-m", "scripts.benchmarks.inference", "--encoder_name",
+        result = _run(f"inference_{encoder}", [python, "-m", "scripts.benchmarks.inference", "--encoder_name",
                                                encoder, "--amp", "true", *bench], out_dir, timeout)
-        records.append(record | {"table": _table_rows(record["log"])})
-    record = _run("wsi", [python, "-m", "scripts.benchmarks.wsi", "--workdir", str(out_dir / "wsi"), *wsi],
+        record(result | {"table": _table_rows(result["log"])})
+    result = _run("wsi", [python, "-m", "scripts.benchmarks.wsi", "--workdir", str(out_dir / "wsi"), *wsi],
                   out_dir, timeout)
-    records.append(record | {"table": _table_rows(record["log"])})
-
-    lines = ["# GPU checks", "", "```json", json.dumps(env, indent=2), "```", ""]
-    for record in records:
-        lines.append(f"## {record['check']}: {record['status']} ({record['seconds']} s)")
-        lines.append("")
-        if record["check"] == "training":
-            lines.append(f"seconds per step {record['s_per_step']}, validation Dice {record['val_dice']}, "
-                         f"peak GPU memory {record['peak_gpu_mb']} MB")
-        lines.extend(record.get("table", []))
-        lines.append("")
-    report = out_dir / "gpu_report.md"
-    report.write_text("\n".join(lines))
-    checks = [{key: value for key, value in r.items() if key != "log"} for r in records]
-    (out_dir / "gpu_report.json").write_text(json.dumps({"environment": env, "checks": checks}, indent=2))
+    record(result | {"table": _table_rows(result["log"])})
     print(report.read_text(), flush=True)
     return str(report)
 
