@@ -260,18 +260,14 @@ def test_bad_segmenter_settings():
 
 
 def test_bundle_runs_whole_slide_inference(slide, tmp_path):
-    from scripts.networks import UNITransUNet
+    from tests.test_onnx import NET_ARGS, tiny_network
 
-    torch.manual_seed(0)
-    net = UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1},
-                       skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512)
-    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    torch.save({"model": tiny_network().state_dict()}, tmp_path / "model.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     configs = f"['{REPO / 'bundle/configs/inference.json'}','{REPO / 'bundle/configs/inference_wsi.json'}']"
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
-         "--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}", "--skip_channels", "[16,8,8]",
-         "--decoder_channels", "[16,16,8,8]", "--roi_size", "[64,64]", "--slides", str(slide),
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *NET_ARGS,
+         "--roi_size", "[64,64]", "--slides", str(slide),
          "--ckpt_path", str(tmp_path / "model.pt"), "--wsi_output_dir", str(tmp_path / "out"),
          "--wsi_mpp", "1.0", "--wsi_tile_size", "256"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
