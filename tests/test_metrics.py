@@ -85,3 +85,112 @@ def test_overlay_draws_prediction_green_and_truth_yellow():
     out = draw_overlay(image, pred, truth, width=1)
     assert tuple(out[2, 5]) == (0, 255, 0) and tuple(out[10, 12]) == (255, 255, 0)
     assert tuple(out[5, 5]) == (100, 100, 100) and tuple(out[0, 19]) == (100, 100, 100)
+
+
+# --- which objects the ground truth holds: instance maps (GlaS) or thresholded grey-level masks (EBHI-SEG) ---
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "bundle" / "configs"
+
+
+def evaluation_parser(**overrides):
+    """train.json + evaluate.json as ``monai.bundle run evaluating`` reads them, with key overrides."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def evaluate_one(parser, image_path, mask_path, foreground):
+    """One image through evaluate.json's preprocessing, post-processing and object metrics.
+
+    The network's output is replaced by confident logits of ``foreground`` (H x W booleans).
+    """
+    import torch
+
+    item = parser.get_parsed_content("validate#preprocessing")({"image": str(image_path), "label": str(mask_path)})
+    fg = torch.as_tensor(foreground, dtype=torch.float32)
+    logits = torch.stack([1 - fg, fg]) * 10.0
+    out = parser.get_parsed_content("validate#postprocessing")({**item, "pred": logits})
+    values = {}
+    for name in ("val_object_f1", "val_object_dice"):
+        metric = parser.get_parsed_content(f"validate#additional_metrics#{name}#metric_fn")
+        values[name] = float(metric(y_pred=[out["pred"]], y=[out["gt_instances"]])[0, 0])
+    return values, out
+
+
+def grey_level_mask(rng, shape=(48, 64)):
+    """Two separate glands drawn with many grey levels above 127 over background noise below 127."""
+    mask = rng.integers(0, 127, shape).astype(np.uint8)  # noise: every value 0..126
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    glands = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 100) | ((yy - 30) ** 2 + (xx - 46) ** 2 <= 144)
+    mask[glands] = rng.integers(128, 256, int(glands.sum()))  # every value 128..255
+    return mask, glands
+
+
+def test_grey_level_ground_truth_is_thresholded_not_read_as_instances(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    mask, glands = grey_level_mask(rng)
+    assert len(np.unique(mask[glands])) > 100
+    Image.fromarray(rng.integers(0, 255, (*mask.shape, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray(mask, mode="L").save(tmp_path / "mask.png")
+    # the EBHI-SEG presets' settings: foreground above 127, the glands are its connected components
+    parser = evaluation_parser(label_threshold=127, instance_labels=False)
+    values, out = evaluate_one(parser, tmp_path / "image.png", tmp_path / "mask.png", glands)
+    assert np.array_equal(np.unique(out["gt_instances"].numpy()), [0, 1, 2])
+    assert values == {"val_object_f1": 1.0, "val_object_dice": pytest.approx(1.0)}
+    # read as an instance map, each grey level would be a gland of its own: F1 near 0 despite a perfect mask
+    assert object_f1(glands.astype(np.uint8), instances(np.where(mask > 127, mask, 0))) < 0.05
+
+
+def test_instance_map_ground_truth_keeps_touching_glands_apart(tmp_path):
+    from PIL import Image
+
+    truth = np.zeros((24, 32), np.uint8)
+    truth[4:16, 4:14], truth[4:16, 14:26] = 1, 2  # two GlaS-style glands that touch
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray(truth, mode="L").save(tmp_path / "mask.png")
+    # the prediction finds the glands' area as one blob: one hit (the larger gland), one gland missed
+    files = tmp_path / "image.png", tmp_path / "mask.png"
+    as_ids, _ = evaluate_one(evaluation_parser(instance_labels=True), *files, truth > 0)
+    assert as_ids["val_object_f1"] == pytest.approx(2 / 3)
+    as_binary, _ = evaluate_one(evaluation_parser(instance_labels=False), *files, truth > 0)
+    assert as_binary["val_object_f1"] == 1.0
+
+
+def test_instances_threshold_and_reading():
+    rng = np.random.default_rng(1)
+    mask, glands = grey_level_mask(rng)
+    labels = instances(mask, threshold=127, instance_labels=False)
+    assert labels.max() == 2 and np.array_equal(labels > 0, glands)
+    ids = square(square(np.full((20, 20), 3, np.uint8), 2, 2, 4, 7), 10, 10, 6, 9)  # background value 3
+    assert set(np.unique(instances(ids, threshold=3))) == {0, 7, 9}
+    assert set(np.unique(instances(ids, threshold=3, instance_labels=False))) == {0, 1, 2}
+
+
+def test_instance_transform_refuses_a_non_boolean_setting():
+    from scripts.errors import ConfigError
+    from scripts.metrics import GlandInstancesd
+
+    with pytest.raises(ConfigError, match="Config key 'instance_labels' is 'yes'"):
+        GlandInstancesd(instance_labels="yes")
+
+
+@pytest.mark.parametrize(
+    "preset,expected", [("glas", True), ("ebhi_gland", False), ("ebhi_cancer", False), ("kpi", False)]
+)
+def test_dataset_presets_say_how_their_masks_hold_glands(preset, expected):
+    import json
+
+    from monai.bundle import ConfigParser
+
+    assert json.loads((CONFIGS / "datasets" / f"{preset}.json").read_text())["instance_labels"] is expected
+    # the preset before evaluate.json, as docs/data.md shows: evaluate.json must not reset the preset's value
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in ("train.json", f"datasets/{preset}.json", "evaluate.json")])
+    step = parser.get_parsed_content("eval_keep_instances")
+    assert step.instance_labels is expected and step.threshold == parser["label_threshold"]

@@ -140,3 +140,101 @@ def test_sigkill_and_rerun_reaches_the_same_weights(demo_data, tmp_path):
     for part in ("model", "prototype_bank", "text_prototypes"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+
+
+# ------------------------------------------------------------------------------------------ method fixes (review)
+def _contrast_inputs(dim=8, seed=0):
+    """A labeled and a strong-view embedding map with their targets and keep masks (2 x dim x 6 x 6 each)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = [torch.nn.functional.normalize(torch.randn(2, dim, 6, 6, generator=g), dim=1) for _ in range(2)]
+    targets = [torch.randint(0, 2, (2, 6, 6), generator=g) for _ in range(2)]
+    keeps = [torch.rand(2, 6, 6, generator=g) > 0.2 for _ in range(2)]
+    return emb, targets, keeps
+
+
+def test_batch_prototypes_pool_every_valid_labeled_pixel_not_the_infonce_sample(demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method="mpamatch_img", embed_dim=8, pixels_per_class=2)
+    trainer = parser.get_parsed_content("train#trainer")
+    emb, targets, keeps = _contrast_inputs()
+    trainer._contrast(emb, targets, keeps, 2, {})
+    means, present = trainer.state.prototype_batch
+    pixels = emb[0].permute(0, 2, 3, 1).reshape(-1, 8)
+    target, keep = targets[0].reshape(-1), keeps[0].reshape(-1)
+    for c in range(2):
+        chosen = pixels[keep & (target == c)]
+        assert chosen.shape[0] > 2  # more pixels than the InfoNCE sample keeps per class
+        expected = torch.nn.functional.normalize(chosen.mean(0), dim=0)
+        assert torch.allclose(means[c], expected, atol=1e-6), f"class {c} prototype is not the mean of all its pixels"
+    assert present.all()
+
+
+def test_contrastive_terms_run_in_float32_under_bf16_autocast(demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method="mpamatch", embed_dim=8, pixels_per_class=1000)
+    trainer = parser.get_parsed_content("train#trainer")
+    emb, targets, keeps = _contrast_inputs(seed=1)
+    bank = parser.get_parsed_content("prototype_bank")
+    bank.update(torch.nn.functional.normalize(torch.randn(2, 8), dim=1), torch.ones(2, dtype=torch.bool))
+    reference = {}
+    torch.manual_seed(0)
+    trainer._contrast(emb, targets, keeps, 2, reference)
+    under_autocast = {}
+    torch.manual_seed(0)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        total = trainer._contrast(emb, targets, keeps, 2, under_autocast)
+    assert total.dtype == torch.float32
+    for key in ("loss_img", "loss_txt"):
+        assert reference[key] > 0
+        assert abs(float(reference[key]) - float(under_autocast[key])) < 1e-5, key
+
+
+def test_labeled_stream_is_oversampled_to_the_unlabeled_length(demo_data, tmp_path):
+    from scripts.engines import RepeatedSampler
+
+    parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=1, labeled_batch_size=2,
+                        unlabeled_batch_size=2)
+    labeled = parser.get_parsed_content("train#labeled_dataloader")
+    unlabeled = parser.get_parsed_content("train#unlabeled_dataloader")
+    n_lab, n_unl = len(labeled.dataset), len(unlabeled.dataset)
+    assert isinstance(labeled.sampler, RepeatedSampler) and labeled.drop_last
+    assert len(labeled) == len(unlabeled) == n_unl // 2  # indices repeated to the unlabeled length
+    labeled.sampler.set_epoch(5)
+    drawn = list(labeled.sampler)
+    assert len(drawn) == n_unl and set(drawn) == set(range(n_lab))
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.run()
+    assert trainer.state.iteration == len(unlabeled)
+    assert trainer._passes["labeled"] == 1  # one pass of the labeled loader covers the whole epoch
+
+
+def test_repeated_sampler_draws_each_index_floor_or_ceil_times():
+    from scripts.engines import RepeatedSampler
+
+    sampler = RepeatedSampler(list(range(4)), length=10, seed=3)
+    sampler.set_epoch(1)
+    counts = torch.bincount(torch.tensor(list(sampler)), minlength=4)
+    assert sorted(counts.tolist()) == [2, 2, 3, 3]
+    with pytest.raises(ValueError, match="non-empty"):
+        RepeatedSampler([], length=3)
+
+
+@pytest.mark.parametrize("method", ["supervised", "unimatch"])
+def test_iteration_budget_is_the_same_for_every_preset(method, demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method=method, num_iterations=5, epoch_iterations=2, val_interval=100)
+    trainer = parser.get_parsed_content("train#trainer")
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    assert (trainer.state.max_epochs, trainer.state.epoch_length) == (3, 2)  # 5 rounded up to whole epochs of 2
+    assert scheduler.total_iters == 6
+    trainer.run()
+    assert trainer.state.iteration == 6
+
+
+def test_training_schedule_refuses_bad_budgets():
+    from scripts.engines import training_schedule
+    from scripts.errors import ConfigError
+
+    assert training_schedule(4, None, None, 7) == (4, 7)
+    assert training_schedule(4, 100, 25, 7) == (4, 25)
+    with pytest.raises(ConfigError, match="num_iterations=0"):
+        training_schedule(4, 0, 25, 7)
+    with pytest.raises(ConfigError, match="epoch_iterations"):
+        training_schedule(4, 10, None, 0)

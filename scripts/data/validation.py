@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from scripts.config import as_bool
 from scripts.errors import ConfigError
 
 from .datalist import load_datalist
@@ -119,7 +120,7 @@ def checked_datalist(datalist: str | os.PathLike, dataset_dir: str | os.PathLike
         loaded[section] = good
     if problems:
         listing = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
-        if not drop_invalid:
+        if not as_bool(drop_invalid, "drop_invalid"):
             raise ConfigError(
                 f"Datalist '{datalist}' has {len(problems)} invalid entr{'y' if len(problems) == 1 else 'ies'}:\n  "
                 f"{listing}\nFix them, or set 'drop_invalid' to true to train without them."

@@ -2,19 +2,70 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["epoch_sampler"]
+__all__ = ["epoch_sampler", "RepeatedSampler"]
 
 
-def epoch_sampler(dataset: Dataset, seed: int = 0, shuffle: bool = True, drop_last: bool = False) -> DistributedSampler:
+def _replicas() -> tuple[int, int]:
+    distributed = dist.is_available() and dist.is_initialized()
+    return (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+
+
+class RepeatedSampler(DistributedSampler):
+    """A data set's indices repeated to ``length`` draws, shuffled per ``set_epoch`` and sharded like its parent.
+
+    This is UniMatch's oversampling of the labeled set: with 9 labeled and 68 unlabeled images, one pass of the
+    labeled loader is as long as one of the unlabeled loader, instead of ending (and being rebuilt) every few
+    iterations. Each index appears ``floor`` or ``ceil`` of ``length / len(dataset)`` times per pass.
+
+    Args:
+        dataset: the data set to draw from.
+        length: draws per pass, at least ``len(dataset)`` to be useful.
+        seed: shuffling seed. Defaults to 0.
+        shuffle: shuffle the draws. Defaults to True.
+        drop_last: drop the tail that does not divide among processes. Defaults to False.
+
+    Examples::
+
+        sampler = RepeatedSampler(labeled_dataset, length=len(unlabeled_dataset), seed=0)
+        loader = DataLoader(labeled_dataset, batch_size=8, sampler=sampler, drop_last=True)
+    """
+
+    def __init__(self, dataset: Dataset, length: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False):
+        size = len(dataset)
+        if size == 0:
+            raise ValueError("RepeatedSampler needs a non-empty data set.")
+        if length <= 0:
+            raise ValueError(f"RepeatedSampler length={length} must be positive.")
+        replicas, rank = _replicas()
+        super().__init__(range(int(length)), num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.dataset_size = size
+
+    def __iter__(self) -> Iterator[int]:
+        return (index % self.dataset_size for index in super().__iter__())
+
+
+def epoch_sampler(dataset: Dataset, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
+                  length: int | None = None) -> DistributedSampler:
     """A ``DistributedSampler`` whose order depends only on ``(seed, set_epoch(...))``.
 
     In a single process it covers the whole data set (one replica); under ``torch.distributed`` each rank gets its
     shard. The trainer calls ``set_epoch`` at every epoch and pass, so the order is reproducible on resume.
+
+    Args:
+        dataset: the data set to draw from.
+        seed: shuffling seed. Defaults to 0.
+        shuffle: shuffle per ``set_epoch``. Defaults to True.
+        drop_last: drop the tail that does not divide among processes. Defaults to False.
+        length: repeat the indices to this many draws per pass (``RepeatedSampler``), or None for one of each.
+            Defaults to None.
     """
-    distributed = dist.is_available() and dist.is_initialized()
-    replicas = dist.get_world_size() if distributed else 1
-    rank = dist.get_rank() if distributed else 0
+    if length is not None:
+        return RepeatedSampler(dataset, length, seed=seed, shuffle=shuffle, drop_last=drop_last)
+    replicas, rank = _replicas()
     return DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)

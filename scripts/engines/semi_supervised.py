@@ -1,6 +1,6 @@
 """The semi-supervised trainer: UniMatch weak-to-strong consistency plus image- and text-prototype contrast.
 
-One iteration, top to bottom (method.md section 2):
+One iteration, top to bottom (docs/method.md, "Losses"):
 
 1. the CutMix source u' is predicted in eval mode without gradient; its strong views are pasted into u's inside
    the CutMix boxes;
@@ -10,9 +10,15 @@ One iteration, top to bottom (method.md section 2):
 4. L_x (CE + Dice), L_s1, L_s2, L_fp (masked CE over all valid pixels), L_img and L_txt (pixel-to-prototype
    InfoNCE on labeled and confident strong-view pixels), one weighted sum, one optimiser step.
 
-The unlabeled loader drives the epoch; the labeled and CutMix-source loaders cycle. At the start of every epoch
-all random state (torch, numpy, python, the transforms, the samplers) is re-seeded from ``(seed, epoch)``, so a
-run resumed from an end-of-epoch checkpoint repeats exactly what an uninterrupted run would have done.
+An epoch is ``epoch_length`` iterations (by default one pass over the unlabeled set, or over the labeled set for
+``supervised``; a fixed count when the config gives an iteration budget, so every preset trains the same number
+of steps). The trainer draws every batch itself from three cycling streams (unlabeled, labeled, CutMix source),
+so an epoch need not be a whole pass. At the start of every epoch all random state (torch, numpy, python, the
+transforms, the samplers) is re-seeded from ``(seed, epoch)``, so a run resumed from an end-of-epoch checkpoint
+repeats exactly what an uninterrupted run would have done.
+
+The contrastive terms (pixel-to-prototype logits and the text tower) always run in float32, also inside a
+bfloat16 / float16 autocast step: at temperature 0.07 a bfloat16 logit is off by several hundredths.
 """
 
 from __future__ import annotations
@@ -29,13 +35,15 @@ from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 
+from scripts.config import as_bool
 from scripts.engines.presets import resolve_method
 from scripts.errors import ConfigError
 from scripts.losses import cutmix_targets, masked_cross_entropy, prototype_infonce, sample_pixels_per_class, supervised_loss
 from scripts.networks import TransUNetOutput
 from scripts.prototypes import PrototypeBank, TextPrototypes
 
-__all__ = ["SemiSupervisedTrainer", "TrainingDivergedError", "epoch_seed", "gather_contrast_pixels"]
+__all__ = ["SemiSupervisedTrainer", "TrainingDivergedError", "epoch_seed", "gather_contrast_pixels",
+           "training_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,52 @@ class TrainingDivergedError(ConfigError):
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     """A 32-bit seed derived from the run seed, the epoch and a stream id (independent streams, no overlap)."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def training_schedule(num_epochs: int, num_iterations: int | None, epoch_iterations: int | None,
+                      natural_length: int) -> tuple[int, int]:
+    """``(max_epochs, epoch_length)`` of a run from its config keys.
+
+    Args:
+        num_epochs: epochs to train when no iteration budget is given (config key ``num_epochs``).
+        num_iterations: total optimiser steps, or None (config key ``num_iterations``). When given it replaces
+            ``num_epochs``, rounded up to whole epochs.
+        epoch_iterations: iterations per epoch (validation and checkpoint unit), or None for ``natural_length``
+            (config key ``epoch_iterations``).
+        natural_length: batches in one pass of the loader that drives the epoch.
+
+    A budget with a fixed ``epoch_iterations`` gives every method preset the same number of steps.
+    """
+    length = natural_length if epoch_iterations is None else int(epoch_iterations)
+    if length <= 0:
+        raise ConfigError(
+            f"An epoch would have {length} iterations ('epoch_iterations' {epoch_iterations}, {natural_length} batches "
+            "in one pass); give a positive 'epoch_iterations', or more images than one batch."
+        )
+    if num_iterations is None:
+        if int(num_epochs) <= 0:
+            raise ConfigError(f"num_epochs={num_epochs} must be positive, e.g. 6.")
+        return int(num_epochs), length
+    if int(num_iterations) <= 0:
+        raise ConfigError(f"num_iterations={num_iterations} must be positive (or null to train 'num_epochs'), e.g. 600.")
+    epochs = -(-int(num_iterations) // length)
+    if epochs * length != int(num_iterations):
+        logger.warning("num_iterations %d is rounded up to %d epochs of %d iterations: %d iterations.",
+                       num_iterations, epochs, length, epochs * length)
+    return epochs, length
+
+
+class _Ticks:
+    """What Ignite iterates: ``n`` placeholders an epoch. The trainer draws its batches from its own streams."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(range(self.n))
 
 
 def _to_device(batch: dict, device: torch.device, non_blocking: bool) -> dict:
@@ -102,7 +156,8 @@ class SemiSupervisedTrainer(Trainer):
     Args:
         device: device to train on.
         max_epochs: number of epochs (passes over the unlabeled set).
-        unlabeled_loader: yields ``image`` (weak view), ``image_s1``, ``image_s2``, ``valid``, ``box1``, ``box2``.
+        unlabeled_loader: yields ``image`` (weak view), ``image_s1``, ``image_s2``, ``valid``, ``box1``, ``box2``;
+            cycled, re-seeded on each pass. For ``supervised`` it only sets the default epoch length.
         labeled_loader: yields ``image``, ``label``, ``valid``; cycled, re-seeded on each pass.
         network: a ``UNITransUNet``.
         optimizer: optimizer over the network and the text-prototype parameters.
@@ -120,7 +175,7 @@ class SemiSupervisedTrainer(Trainer):
         max_skipped_steps: stop after this many consecutive non-finite iterations. Defaults to 10.
         grad_clip_norm: clip the gradient norm to this value, or None for no clipping. Defaults to None.
         seed: run seed for the per-epoch re-seeding. Defaults to 0.
-        epoch_length: iterations per epoch. Defaults to ``len(unlabeled_loader)``.
+        epoch_length: iterations per epoch. Defaults to ``len(unlabeled_loader)`` (see ``training_schedule``).
         handlers: Ignite handlers. Defaults to None.
         amp: mixed precision (CUDA only). Defaults to False.
         amp_dtype: ``"bfloat16"`` (no loss scaling) or ``"float16"`` (with a GradScaler). Defaults to ``"bfloat16"``.
@@ -166,20 +221,25 @@ class SemiSupervisedTrainer(Trainer):
             )
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ConfigError(f"confidence_threshold={confidence_threshold} must be in [0, 1].")
-        if epoch_length is None and hasattr(unlabeled_loader, "__len__") and len(unlabeled_loader) == 0:
-            dataset = getattr(unlabeled_loader, "dataset", [])
-            raise ConfigError(
-                f"The unlabeled set has {len(dataset)} images, fewer than one batch ('unlabeled_batch_size' "
-                f"{getattr(unlabeled_loader, 'batch_size', '?')}); add unlabeled images or lower the batch size."
-            )
+        for name, loader in (("unlabeled", unlabeled_loader), ("labeled", labeled_loader)):
+            if name == "unlabeled" and not self.method.unsupervised and epoch_length is not None:
+                continue
+            if hasattr(loader, "__len__") and len(loader) == 0:
+                dataset = getattr(loader, "dataset", [])
+                raise ConfigError(
+                    f"The {name} set has {len(dataset)} images, fewer than one batch ('{name}_batch_size' "
+                    f"{getattr(loader, 'batch_size', '?')}); add {name} images or lower the batch size."
+                )
+        epoch_length = len(unlabeled_loader) if epoch_length is None else int(epoch_length)
         if amp_dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"amp_dtype='{amp_dtype}' must be 'bfloat16' or 'float16'.")
         super().__init__(
-            device=device, max_epochs=max_epochs, data_loader=unlabeled_loader, epoch_length=epoch_length,
-            non_blocking=non_blocking, handlers=None, amp=amp, decollate=False,
+            device=device, max_epochs=max_epochs, data_loader=_Ticks(epoch_length), epoch_length=epoch_length,
+            non_blocking=non_blocking, handlers=None, amp=as_bool(amp, "amp"), decollate=False,
         )
         self.network = network
         self.optimizer = optimizer
+        self.unlabeled_loader = unlabeled_loader
         self.labeled_loader = labeled_loader
         self.mix_loader = mix_loader if mix_loader is not None else unlabeled_loader
         self.threshold = confidence_threshold
@@ -188,7 +248,7 @@ class SemiSupervisedTrainer(Trainer):
         self.image_temperature = image_temperature
         self.pixels_per_class = pixels_per_class
         self.contrast_warmup = contrast_warmup
-        self.prototype_from_pseudo = prototype_from_pseudo
+        self.prototype_from_pseudo = as_bool(prototype_from_pseudo, "prototype_from_pseudo")
         self.max_skipped_steps = max_skipped_steps
         self.grad_clip_norm = grad_clip_norm
         self.seed = seed
@@ -211,7 +271,7 @@ class SemiSupervisedTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------------- epochs
     def _loaders(self) -> dict[str, Iterable]:
-        return {"unlabeled": self.data_loader, "labeled": self.labeled_loader, "mix": self.mix_loader}
+        return {"unlabeled": self.unlabeled_loader, "labeled": self.labeled_loader, "mix": self.mix_loader}
 
     def _start_epoch(self, engine: Engine) -> None:
         epoch = engine.state.epoch
@@ -225,9 +285,6 @@ class SemiSupervisedTrainer(Trainer):
                 transform.set_random_state(seed=epoch_seed(self.seed, epoch, stream + 1))
             self._passes[name] = 0
             self._streams.pop(name, None)
-        sampler = getattr(self.data_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
 
     def _next(self, name: str) -> dict:
         """The next batch of a cycling stream; a finished pass starts a new one with a new sampler seed."""
@@ -238,6 +295,8 @@ class SemiSupervisedTrainer(Trainer):
             except StopIteration:
                 pass
         loader = self._loaders()[name]
+        if hasattr(loader, "__len__") and len(loader) == 0:
+            raise ConfigError(f"The {name} stream yields no batch: fewer images than its batch size.")
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch_seed(self.seed, self.state.epoch, 100 + self._passes[name]))
@@ -263,7 +322,7 @@ class SemiSupervisedTrainer(Trainer):
         mask_ratio = zero
 
         if method.unsupervised:
-            unl = _to_device(batchdata, device, self.non_blocking)
+            unl = _to_device(self._next("unlabeled"), device, self.non_blocking)
             mix = _to_device(self._next("mix"), device, self.non_blocking)
             u_w, valid_u = unl["image"], unl["valid"][:, 0] > 0
             with torch.no_grad(), autocast:
@@ -323,8 +382,17 @@ class SemiSupervisedTrainer(Trainer):
         return self._step(engine, loss, losses, mask_ratio)
 
     def _contrast(self, embeddings: list, targets: list, keeps: list, num_classes: int, losses: dict) -> torch.Tensor:
-        """L_img and L_txt on sampled labeled and confident strong-view pixels; stores the bank's batch prototypes."""
-        pixels, pixel_target, block = gather_contrast_pixels(embeddings, targets, keeps, num_classes, self.pixels_per_class)
+        """L_img and L_txt on sampled labeled and confident strong-view pixels; stores the bank's batch prototypes.
+
+        Runs in float32 even inside an autocast step: bf16 logits at temperature 0.07 are off by several hundredths.
+        """
+        device_type = embeddings[0].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._contrast_float32([e.float() for e in embeddings], targets, keeps, num_classes, losses)
+
+    def _contrast_float32(self, embeddings: list, targets: list, keeps: list, num_classes: int,
+                          losses: dict) -> torch.Tensor:
+        pixels, pixel_target, _ = gather_contrast_pixels(embeddings, targets, keeps, num_classes, self.pixels_per_class)
         ramp = self._contrast_ramp()
         total = pixels.sum() * 0.0
         if self.method.lambda_img > 0:
@@ -332,11 +400,16 @@ class SemiSupervisedTrainer(Trainer):
                 losses["loss_img"] = prototype_infonce(pixels, pixel_target, self.prototype_bank.prototypes.detach(),
                                                        self.image_temperature)
                 total = total + ramp * self.method.lambda_img * losses["loss_img"]
-            # The bank pools labeled pixels (the first block), and optionally the confident strong-view ones.
-            pooled = block == 0 if not self.prototype_from_pseudo else torch.ones_like(block, dtype=torch.bool)
-            self.state.prototype_batch = self.prototype_bank.batch_prototypes(pixels.detach(), pixel_target, pooled)
+            # The batch prototypes are means over every valid labeled pixel (the first map), and optionally every
+            # confident strong-view pixel, not over the per-class sample drawn for InfoNCE.
+            pooled = embeddings if self.prototype_from_pseudo else embeddings[:1]
+            self.state.prototype_batch = self.prototype_bank.batch_prototypes(
+                torch.cat([e.detach().permute(0, 2, 3, 1).reshape(-1, e.shape[1]) for e in pooled]),
+                torch.cat([t.reshape(-1) for t in targets[: len(pooled)]]),
+                torch.cat([k.reshape(-1) for k in keeps[: len(pooled)]]),
+            )
         if self.method.lambda_txt > 0:
-            text = self.text_prototypes()
+            text = self.text_prototypes().float()
             losses["loss_txt"] = prototype_infonce(pixels, pixel_target, text, self.text_prototypes.temperature())
             total = total + ramp * self.method.lambda_txt * losses["loss_txt"]
         return total

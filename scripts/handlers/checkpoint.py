@@ -16,6 +16,8 @@ from typing import Any, Mapping
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.config import as_bool
+
 __all__ = ["save_atomically", "BestMetricSaver", "TrainingStateSaver", "ResumeFromCheckpoint"]
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ class ResumeFromCheckpoint:
     def __init__(self, path: str, load_dict: Mapping[str, Any], enabled: bool = True):
         self.path = Path(path)
         self.load_dict = dict(load_dict)
-        self.enabled = enabled
+        self.enabled = as_bool(enabled, "resume")
 
     def attach(self, engine: Engine) -> None:
         self.load_dict["trainer"] = engine

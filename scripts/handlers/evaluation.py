@@ -16,6 +16,8 @@ from ignite.engine import Engine, Events
 from PIL import Image
 from scipy import ndimage
 
+from scripts.config import as_bool
+
 __all__ = ["EvaluationReport", "draw_overlay"]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class EvaluationReport:
         self.output_dir = Path(output_dir)
         self.metric_names = list(metric_names)
         self.group_keys = list(group_keys)
-        self.overlays = overlays
+        self.overlays = as_bool(overlays, "eval_overlays")
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:

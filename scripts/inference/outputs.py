@@ -11,6 +11,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
+from scripts.config import as_bool
 from scripts.errors import ConfigError
 from scripts.handlers.evaluation import draw_overlay
 
@@ -46,7 +47,7 @@ class SavePredictiond(MapTransform):
         self.postfix = postfix
         self.scale = scale
         self.probability_key = probability_key
-        self.overlay = overlay
+        self.overlay = as_bool(overlay, "save_overlays")
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import torch
 from monai.inferers import Inferer
 
+from scripts.config import as_bool
+
 __all__ = ["FlipTTAInferer"]
 
 
@@ -23,7 +25,7 @@ class FlipTTAInferer(Inferer):
     def __init__(self, inferer: Inferer, flips: Sequence[Sequence[int]] = ((), (2,), (3,), (2, 3)), enabled: bool = True):
         super().__init__()
         self.inferer = inferer
-        self.flips = [tuple(f) for f in flips] if enabled else [()]
+        self.flips = [tuple(f) for f in flips] if as_bool(enabled, "tta") else [()]
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         total = None

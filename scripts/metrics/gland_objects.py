@@ -1,7 +1,9 @@
 """The GlaS challenge's object-level metrics: object F1, object Dice and object Hausdorff distance.
 
 Objects are the instances of a mask: its ids when it is an instance map (GlaS annotations), or the connected
-components (8-connectivity) of a binary mask. The definitions follow the GlaS 2015 challenge paper
+components (8-connectivity) of a binary mask. Which reading a data set's masks need is the config key
+``instance_labels``; evaluation turns the ground truth into an instance map once (``GlandInstancesd``), so the
+metrics below receive instance maps or binary masks. The definitions follow the GlaS 2015 challenge paper
 (Sirinukunwattana et al., Medical Image Analysis 2017):
 
 - each segmented object's ground truth is the annotated object it overlaps most; the segmented object is a true
@@ -22,15 +24,25 @@ from scipy import ndimage
 __all__ = ["instances", "object_f1", "object_dice", "object_hausdorff", "gland_object_metrics"]
 
 
-def instances(mask: np.ndarray) -> np.ndarray:
-    """Instance labels of a 2D mask: kept as they are if it already holds several ids, else connected components."""
+def instances(mask: np.ndarray, threshold: float = 0, instance_labels: bool = True) -> np.ndarray:
+    """Instance labels (0 = background, 1..N = objects) of a 2D mask.
+
+    Args:
+        mask: the mask, H x W.
+        threshold: foreground is ``mask > threshold`` (config key ``label_threshold``). Defaults to 0.
+        instance_labels: True reads a mask holding several foreground values as an instance map and keeps its
+            ids (GlaS annotations); a mask with one foreground value (0/255) is split into connected components.
+            False always takes the connected components (8-connectivity) of ``mask > threshold``, the right
+            reading for grey-level or noisy masks such as EBHI-SEG's (config key ``instance_labels``).
+            Defaults to True.
+    """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"object metrics need a 2D mask, got shape {mask.shape}")
-    ids = np.unique(mask[mask > 0])
-    if len(ids) > 1:
-        return mask.astype(np.int64)
-    labels, _ = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))
+    foreground = mask > threshold
+    if instance_labels and len(np.unique(mask[foreground])) > 1:
+        return np.where(foreground, mask, 0).astype(np.int64)
+    labels, _ = ndimage.label(foreground, structure=np.ones((3, 3), dtype=bool))
     return labels
 
 

@@ -15,8 +15,9 @@ class GlandObjectMetric(CumulativeIterationMetric):
     """One GlaS object metric per image, from predictions and instance (or binary) ground truth.
 
     ``y_pred`` is one-hot or class indices (B x C x H x W or B x 1 x H x W); its foreground is every class but 0.
-    ``y`` is the ground truth, ideally the instance map read from the mask file (B x 1 x H x W), so that touching
-    glands stay separate objects; a binary mask is split into connected components instead.
+    ``y`` is the ground truth as an instance map (B x 1 x H x W), as ``GlandInstancesd`` makes it from the mask
+    file by the data set's rule (config key ``instance_labels``), so that touching GlaS glands stay separate
+    objects; a binary mask is split into connected components.
 
     Args:
         name: ``object_f1``, ``object_dice`` or ``object_hausdorff``. Defaults to ``object_f1``.

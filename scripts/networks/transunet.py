@@ -1,11 +1,16 @@
-"""UNI-TransUNet: a timm ViT encoder (UNI by default), a parallel CNN skip branch and TransUNet's cascaded decoder.
+"""UNI-TransUNet: a timm ViT encoder (UNI by default), a CNN skip branch and TransUNet's cascaded decoder.
 
-Layout (method.md section 1)::
+Layout (docs/method.md, "Network")::
 
     image ──ViT──> tokens ─reshape─> B x D x H/p x W/p ──conv3x3──> 512 ─┐
       └──CNN stem──> skips at 1/8 (512), 1/4 (256), 1/2 (64) ────────────┤
                                                 cascaded decoder (256, 128, 64, 16) ──> head ──> logits
                                                           └─ 1/2-resolution map ──> projection head ──> embeddings
+
+With ``hybrid=True`` the CNN stem runs first and the ViT reads its 1/8-resolution map instead of the image
+(TransUNet's own ResNet-ViT layout): the ViT's patch embedding then takes ``p / 8`` patches of CNN features, so the
+token grid is still H/p x W/p. A pretrained ViT's patch embedding expects RGB patches, so the hybrid layout is for
+encoders trained from random weights (the CPU recipe); pretrained encoders (UNI) keep the parallel stem.
 
 The decoder resizes to each skip's exact size, so patch-14 encoders (whose grids do not double cleanly to the
 input size) and non-square inputs work.
@@ -20,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.config import as_bool
 from scripts.errors import ConfigError
 from scripts.networks.encoders import build_encoder, encoder_patch_size, load_encoder_weights
 
 __all__ = ["UNITransUNet", "TransUNetOutput", "SkipStem", "CascadedDecoder", "ProjectionHead"]
+
+_STEM_STRIDE = 8  # the skip stem's coarsest map, which the hybrid ViT reads, is at 1/8 resolution
 
 
 class TransUNetOutput(NamedTuple):
@@ -158,6 +166,8 @@ class UNITransUNet(nn.Module):
         freeze_encoder: freeze every encoder parameter. Defaults to False.
         freeze_blocks: freeze the patch embedding, tokens and the first k transformer blocks. Defaults to 0.
         grad_checkpointing: recompute encoder activations in the backward pass to save memory. Defaults to False.
+        hybrid: feed the ViT with the CNN stem's 1/8-resolution features (TransUNet's ResNet-ViT hybrid) instead of
+            the image; needs a patch size divisible by 8 and no ``encoder_weights``. Defaults to False.
 
     Examples::
 
@@ -183,6 +193,7 @@ class UNITransUNet(nn.Module):
         freeze_encoder: bool = False,
         freeze_blocks: int = 0,
         grad_checkpointing: bool = False,
+        hybrid: bool = False,
     ):
         super().__init__()
         if out_channels < 2:
@@ -202,22 +213,49 @@ class UNITransUNet(nn.Module):
         self.out_channels = out_channels
         self.n_skip = n_skip
         self.embed_level = embed_level
-        self.encoder = build_encoder(encoder_name, **(encoder_kwargs or {}))
-        if encoder_weights:
-            load_encoder_weights(self.encoder, encoder_weights, encoder_name)
-        self.patch_size = encoder_patch_size(self.encoder)
+        self.hybrid = as_bool(hybrid, "hybrid")
+        freeze_encoder = as_bool(freeze_encoder, "freeze_encoder")
+        if self.hybrid:
+            self.encoder = self._build_hybrid_encoder(encoder_name, encoder_weights, encoder_kwargs, skip_channels)
+            self.patch_size = encoder_patch_size(self.encoder) * _STEM_STRIDE
+        else:
+            self.encoder = build_encoder(encoder_name, **(encoder_kwargs or {}))
+            if encoder_weights:
+                load_encoder_weights(self.encoder, encoder_weights, encoder_name)
+            self.patch_size = encoder_patch_size(self.encoder)
         if not 0 <= freeze_blocks <= len(self.encoder.blocks):
             raise ConfigError(f"freeze_blocks={freeze_blocks} must be in 0..{len(self.encoder.blocks)} for '{encoder_name}'.")
         self._freeze(freeze_encoder, freeze_blocks)
-        if grad_checkpointing:
+        if as_bool(grad_checkpointing, "grad_checkpointing"):
             self.encoder.set_grad_checkpointing(True)
 
-        self.skip_stem = SkipStem(skip_channels) if n_skip > 0 else None
+        self.skip_stem = SkipStem(skip_channels) if (n_skip > 0 or self.hybrid) else None
         used_skips = [c if i < n_skip else 0 for i, c in enumerate(skip_channels)] + [0]
         self.decoder = CascadedDecoder(self.encoder.embed_dim, decoder_head_channels, decoder_channels, used_skips)
         self.segmentation_head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=3, padding=1)
         self.projection_head = ProjectionHead(decoder_channels[embed_level], embed_dim)
         self.fp_dropout = nn.Dropout2d(fp_dropout)
+
+    @staticmethod
+    def _build_hybrid_encoder(encoder_name: str, encoder_weights, encoder_kwargs: dict | None,
+                              skip_channels: Sequence[int]):
+        """The ViT of the hybrid layout: same blocks as ``encoder_name``, patch embedding over the 1/8 CNN map."""
+        if encoder_weights:
+            raise ConfigError(
+                f"hybrid=true feeds the ViT with CNN features, so the RGB patch embedding of the weights file "
+                f"'{encoder_weights}' cannot be used. Set 'hybrid' to false to fine-tune pretrained weights, or set "
+                "'encoder_weights' to null to train the hybrid network from random weights."
+            )
+        kwargs = dict(encoder_kwargs or {})
+        patch = kwargs.pop("patch_size", None) or encoder_patch_size(build_encoder(encoder_name, depth=1))
+        if patch % _STEM_STRIDE:
+            raise ConfigError(
+                f"hybrid=true needs an encoder patch size divisible by {_STEM_STRIDE} (the CNN stem's stride); "
+                f"'{encoder_name}' has {patch}. Use e.g. encoder_kwargs {{'patch_size': 16}}."
+            )
+        img_size = kwargs.pop("img_size", 224)
+        return build_encoder(encoder_name, **kwargs, patch_size=patch // _STEM_STRIDE,
+                             img_size=img_size // _STEM_STRIDE, in_chans=int(skip_channels[0]))
 
     def _freeze(self, freeze_encoder: bool, freeze_blocks: int) -> None:
         if freeze_encoder:
@@ -255,11 +293,13 @@ class UNITransUNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The ViT map (B x D x H/p x W/p, prefix tokens dropped) and the skips used by the decoder."""
-        (tokens,) = self.encoder.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)
+        features = self.skip_stem(x) if self.skip_stem is not None else []
+        vit_input = features[0] if self.hybrid else x
+        (tokens,) = self.encoder.forward_intermediates(vit_input, indices=1, norm=True, output_fmt="NCHW",
+                                                       intermediates_only=True)
         skips: list[torch.Tensor | None] = [None] * 4
-        if self.skip_stem is not None:
-            for i, feature in enumerate(self.skip_stem(x)[: self.n_skip]):
-                skips[i] = feature
+        for i, feature in enumerate(features[: self.n_skip]):
+            skips[i] = feature
         return tokens, skips
 
     @staticmethod

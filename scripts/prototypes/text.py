@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.config import as_bool
 from scripts.errors import ConfigError
 from scripts.networks.encoders import read_state_dict
 
@@ -49,7 +50,8 @@ class TextPrototypes(nn.Module):
             raise ConfigError(f"text temperature={temperature} must be positive (config key 'text_temperature').")
         self.projection = nn.Linear(source_dim, embed_dim, bias=False) if source_dim != embed_dim else nn.Identity()
         self.fixed_temperature = temperature
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if learnable_scale else None
+        learnable = as_bool(learnable_scale, "text_learnable_scale")
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if learnable else None
 
     def raw_prototypes(self) -> torch.Tensor:
         raise NotImplementedError

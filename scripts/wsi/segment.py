@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from scripts.data.transforms import IMAGENET_MEAN_255, IMAGENET_STD_255
+from scripts.config import as_bool
 from scripts.errors import ConfigError
 from scripts.wsi.outputs import mask_to_geojson, tile_grid, write_mask_pyramid, write_tiled_tiff
 from scripts.wsi.slide import choose_level, open_slide, region_at_scale
@@ -132,6 +133,8 @@ class SlideSegmenter:
         self.tile_size, self.halo = int(tile_size), int(halo)
         self.device, self.amp = torch.device(device), amp
         self.mask_scale = mask_scale
+        tissue_detection, geojson = as_bool(tissue_detection, "tissue_detection"), as_bool(geojson, "wsi_geojson")
+        overwrite = as_bool(overwrite, "wsi_overwrite")
         self.tissue_detection, self.tissue_downsample = tissue_detection, int(tissue_downsample)
         self.tissue_threshold, self.min_tissue_fraction = tissue_threshold, min_tissue_fraction
         self.geojson, self.simplify, self.min_object_area = geojson, simplify, min_object_area
