@@ -194,3 +194,47 @@ def test_dataset_presets_say_how_their_masks_hold_glands(preset, expected):
     parser.read_config([str(CONFIGS / name) for name in ("train.json", f"datasets/{preset}.json", "evaluate.json")])
     step = parser.get_parsed_content("eval_keep_instances")
     assert step.instance_labels is expected and step.threshold == parser["label_threshold"]
+
+
+def _reference_object_metrics(pred, truth):
+    """Straight from the GlaS definitions, one full-image mask per object (slow, for small images only)."""
+    from scipy import ndimage
+
+    def objects(mask):
+        ids = np.unique(mask[mask > 0])
+        if len(ids) <= 1:
+            mask, _ = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))
+            ids = np.unique(mask[mask > 0])
+        return [mask == i for i in ids]
+
+    seg, gt = objects(pred), objects(truth)
+    ov = np.array([[np.count_nonzero(s & g) for g in gt] for s in seg])
+    tp, used = 0, set()
+    for j in range(len(seg)):
+        best = int(ov[j].argmax())
+        if ov[j, best] > 0 and ov[j, best] >= 0.5 * gt[best].sum() and best not in used:
+            used.add(best)
+            tp += 1
+    f1 = 2 * tp / (2 * tp + len(seg) + len(gt) - 2 * tp)
+
+    def dice(a, b):
+        return 2 * np.count_nonzero(a & b) / (a.sum() + b.sum())
+
+    g_area, s_area = sum(g.sum() for g in gt), sum(s.sum() for s in seg)
+    term_g = sum(g.sum() / g_area * (dice(g, seg[ov[:, i].argmax()]) if ov[:, i].max() > 0 else 0) for i, g in enumerate(gt))
+    term_s = sum(s.sum() / s_area * (dice(s, gt[ov[j].argmax()]) if ov[j].max() > 0 else 0) for j, s in enumerate(seg))
+    return f1, 0.5 * (term_g + term_s)
+
+
+def test_object_metrics_of_speckled_masks_match_the_definitions():
+    rng = np.random.default_rng(3)
+    truth = np.zeros((60, 80), dtype=np.int64)
+    for k in range(1, 7):
+        y, x = rng.integers(5, 50), rng.integers(5, 70)
+        truth[y - 4:y + 5, x - 5:x + 6] = k  # later glands overwrite earlier ones where they touch
+    pred = ((truth > 0) & (rng.random(truth.shape) > 0.1)) | (rng.random(truth.shape) > 0.97)
+    pred = pred.astype(np.uint8) * 255
+    f1, dice = _reference_object_metrics(pred, truth)
+    assert object_f1(pred, truth) == pytest.approx(f1, abs=1e-12)
+    assert object_dice(pred, truth) == pytest.approx(dice, abs=1e-12)
+    assert 0 < f1 < 0.5  # speckles are false positives

@@ -46,90 +46,100 @@ def instances(mask: np.ndarray, threshold: float = 0, instance_labels: bool = Tr
     return labels
 
 
-def _objects(labels: np.ndarray) -> list[np.ndarray]:
-    return [labels == i for i in np.unique(labels) if i != 0]
+class _Objects:
+    """The objects of an instance map: areas, bounding boxes and (lazily) boundary points, without one full-image
+    mask per object, so that a prediction with thousands of speckles costs one pass over the pixels."""
+
+    def __init__(self, labels: np.ndarray):
+        ids, inverse = np.unique(labels, return_inverse=True)
+        inverse = inverse.reshape(labels.shape)
+        self.labels = inverse if ids[0] == 0 else inverse + 1  # objects numbered 1..n, 0 = background
+        self.n = int(self.labels.max())
+        self.areas = np.bincount(self.labels.ravel(), minlength=self.n + 1)[1:]
+        self.boxes = ndimage.find_objects(self.labels, max_label=self.n)
+        self._boundaries: dict[int, np.ndarray] = {}
+
+    def boundary(self, i: int) -> np.ndarray:
+        """Boundary pixel coordinates (K x 2) of object ``i`` (0-based)."""
+        if i not in self._boundaries:
+            box = self.boxes[i]
+            obj = np.pad(self.labels[box] == i + 1, 1)
+            edge = obj & ~ndimage.binary_erosion(obj, structure=np.ones((3, 3), dtype=bool), border_value=0)
+            offset = np.array([box[0].start - 1, box[1].start - 1], dtype=np.float64)
+            self._boundaries[i] = np.argwhere(edge).astype(np.float64) + offset
+        return self._boundaries[i]
 
 
-def _overlaps(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
-    """Pixel counts of the intersection of every object of ``a`` with every object of ``b``."""
-    out = np.zeros((len(a), len(b)), dtype=np.int64)
-    for i, obj in enumerate(a):
-        for j, other in enumerate(b):
-            out[i, j] = np.count_nonzero(obj & other)
-    return out
+def _overlaps(a: _Objects, b: _Objects) -> np.ndarray:
+    """Pixel counts of the intersection of every object of ``a`` with every object of ``b`` (a x b).
+
+    One joint histogram of the two label images: objects of one side never overlap each other.
+    """
+    joint = np.bincount((a.labels.astype(np.int64) * (b.n + 1) + b.labels).ravel(), minlength=(a.n + 1) * (b.n + 1))
+    return joint.reshape(a.n + 1, b.n + 1)[1:, 1:]
+
+
+def _pair(pred: np.ndarray, truth: np.ndarray) -> tuple[_Objects, _Objects]:
+    return _Objects(instances(pred)), _Objects(instances(truth))
 
 
 def object_f1(pred: np.ndarray, truth: np.ndarray) -> float:
     """GlaS object F1 of a predicted and a ground-truth mask (binary or instance maps)."""
-    seg, gt = _objects(instances(pred)), _objects(instances(truth))
-    if not seg and not gt:
+    seg, gt = _pair(pred, truth)
+    if seg.n == 0 and gt.n == 0:
         return 1.0
     overlap = _overlaps(seg, gt)
     matched_gt: set[int] = set()
     tp = 0
-    for j in range(len(seg)):
-        if len(gt) == 0:
-            break
+    for j in range(seg.n if gt.n else 0):
         best = int(overlap[j].argmax())
-        if overlap[j, best] > 0 and overlap[j, best] >= 0.5 * gt[best].sum() and best not in matched_gt:
+        if overlap[j, best] > 0 and overlap[j, best] >= 0.5 * gt.areas[best] and best not in matched_gt:
             matched_gt.add(best)
             tp += 1
-    fp, fn = len(seg) - tp, len(gt) - tp
+    fp, fn = seg.n - tp, gt.n - tp
     return 2 * tp / (2 * tp + fp + fn)
-
-
-def _dice(a: np.ndarray, b: np.ndarray | None) -> float:
-    if b is None:
-        return 0.0
-    return 2.0 * np.count_nonzero(a & b) / (a.sum() + b.sum())
 
 
 def object_dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """GlaS object Dice of a predicted and a ground-truth mask (binary or instance maps)."""
-    seg, gt = _objects(instances(pred)), _objects(instances(truth))
-    if not seg and not gt:
+    seg, gt = _pair(pred, truth)
+    if seg.n == 0 and gt.n == 0:
         return 1.0
-    if not seg or not gt:
+    if seg.n == 0 or gt.n == 0:
         return 0.0
     overlap = _overlaps(gt, seg)
-    gt_area, seg_area = sum(g.sum() for g in gt), sum(s.sum() for s in seg)
-    term_gt = sum(g.sum() / gt_area * _dice(g, seg[overlap[i].argmax()] if overlap[i].max() > 0 else None)
-                  for i, g in enumerate(gt))
-    term_seg = sum(s.sum() / seg_area * _dice(s, gt[overlap[:, j].argmax()] if overlap[:, j].max() > 0 else None)
-                   for j, s in enumerate(seg))
+    dice = 2.0 * overlap / (gt.areas[:, None] + seg.areas[None, :])  # Dice of every pair, from the overlaps alone
+    best_seg, best_gt = overlap.argmax(1), overlap.argmax(0)
+    dice_gt = np.where(overlap.max(1) > 0, dice[np.arange(gt.n), best_seg], 0.0)
+    dice_seg = np.where(overlap.max(0) > 0, dice[best_gt, np.arange(seg.n)], 0.0)
+    term_gt = float((gt.areas / gt.areas.sum() * dice_gt).sum())
+    term_seg = float((seg.areas / seg.areas.sum() * dice_seg).sum())
     return 0.5 * (term_gt + term_seg)
 
 
-def _boundary_points(obj: np.ndarray) -> np.ndarray:
-    edge = obj & ~ndimage.binary_erosion(obj, structure=np.ones((3, 3), dtype=bool), border_value=0)
-    return np.argwhere(edge).astype(np.float64)
-
-
 def _hausdorff(a: np.ndarray, b: np.ndarray) -> float:
-    """Symmetric Hausdorff distance between the boundaries of two objects, in pixels."""
-    pa, pb = _boundary_points(a), _boundary_points(b)
-    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    """Symmetric Hausdorff distance between two boundary point sets, in pixels."""
+    d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
     return float(max(d.min(1).max(), d.min(0).max()))
 
 
 def object_hausdorff(pred: np.ndarray, truth: np.ndarray) -> float:
     """GlaS object Hausdorff distance in pixels; ``inf`` when exactly one of the masks is empty."""
-    seg, gt = _objects(instances(pred)), _objects(instances(truth))
-    if not seg and not gt:
+    seg, gt = _pair(pred, truth)
+    if seg.n == 0 and gt.n == 0:
         return 0.0
-    if not seg or not gt:
+    if seg.n == 0 or gt.n == 0:
         return float("inf")
     overlap = _overlaps(gt, seg)
 
-    def partner(obj: np.ndarray, others: list[np.ndarray], counts: np.ndarray) -> float:
+    def partner(objects: _Objects, i: int, others: _Objects, counts: np.ndarray) -> float:
         if counts.max() > 0:
-            return _hausdorff(obj, others[int(counts.argmax())])
-        return min(_hausdorff(obj, other) for other in others)
+            return _hausdorff(objects.boundary(i), others.boundary(int(counts.argmax())))
+        return min(_hausdorff(objects.boundary(i), others.boundary(j)) for j in range(others.n))
 
-    gt_area, seg_area = sum(g.sum() for g in gt), sum(s.sum() for s in seg)
-    term_gt = sum(g.sum() / gt_area * partner(g, seg, overlap[i]) for i, g in enumerate(gt))
-    term_seg = sum(s.sum() / seg_area * partner(s, gt, overlap[:, j]) for j, s in enumerate(seg))
-    return 0.5 * (term_gt + term_seg)
+    term_gt = sum(gt.areas[i] / gt.areas.sum() * partner(gt, i, seg, overlap[i]) for i in range(gt.n))
+    term_seg = sum(seg.areas[j] / seg.areas.sum() * partner(seg, j, gt, overlap[:, j]) for j in range(seg.n))
+    return float(0.5 * (term_gt + term_seg))
 
 
 def gland_object_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
