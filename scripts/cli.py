@@ -10,12 +10,14 @@ Commands:
     prepare kpi       convert KPI patches (downsample or tile) and write their datalist
     prepare folder    write a datalist for images/ + masks/ (+ unlabeled/) folders
     prepare csv       write a datalist from a CSV of image, label, split
+    study             train and test methods x labeled ratios x seeds on one fixed test set (``study --help``)
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +29,7 @@ from scripts.data import ensure_demo_dataset
 from scripts.errors import ConfigError
 from scripts.prototypes.text import build_text_tower, encode_text_features
 
-__all__ = ["demo_data", "text_prototypes", "export_onnx", "prepare_glas"]
+__all__ = ["demo_data", "text_prototypes", "export_onnx", "prepare_glas", "study"]
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json"
 
@@ -138,8 +140,44 @@ def pack(out_dir: str = "dist", model: str | None = None) -> str:
     return str(pack_bundle(out_dir, model=model))
 
 
+def study(argv: Sequence[str] | None = None) -> int:
+    """Trains and tests every method x labeled ratio x seed on one fixed test set and compares them.
+
+    Usage::
+
+        python -m scripts.cli study --data glas --root /data/GlaS [--test_root /data/GlaS] \
+            --methods supervised,unimatch,mpamatch --labeled_ratios 0.1,0.2 --seeds 0,1,2 \
+            --recipe bundle/configs/recipes/cpu.json [--override '{"num_iterations": 300}'] --out studies/glas
+
+    ``--data`` is ``glas``, ``ebhi_gland``, ``ebhi_cancer``, ``kpi``, ``folder`` or ``demo`` (the generated demo set;
+    ``--root`` optional). Every run tests on the same images: those of ``--test_root`` (GlaS: its testA_ / testB_
+    images; KPI: its test split), or else ``--test_count`` (20) annotated training images held out with seed 0,
+    stratified by grade / class / disease model (demo: its own test section); they are never trained on or used
+    for model selection. Validation and the labeled / unlabeled split of the rest come from the data set's
+    adapter with ``--split_seed`` (0), the same for every run, so runs differ only in method, ratio and seed.
+    ``--adapter_args`` passes extra adapter arguments (e.g. ``'{"validation_ratio": 0.2}'``, KPI's ``rule``).
+
+    Each run trains with ``train.json`` + ``datasets/<data>.json`` (when it exists) + ``--recipe`` + the
+    ``--override`` keys, in ``OUT/runs/<method>_r<ratio>_s<seed>/`` (``train.log``, ``eval.log``, ``models/``,
+    ``eval/``, ``masks/<image>.png``), then is evaluated on the test set. Outputs: ``OUT/results.csv`` (a row per
+    run), ``OUT/results.md`` (mean +- std, paired differences to ``supervised`` with bootstrap intervals, the
+    all-foreground baseline), ``OUT/label_efficiency.png``, ``OUT/study.json`` and ``OUT/datalists/``. Calling it
+    again with the same ``--out`` skips finished runs and restarts unfinished ones; other data, test or training
+    settings in the same ``--out`` are refused. A failed run is reported and the others go on; the command then
+    exits with status 1 naming it. ``python -m scripts.cli study --help`` lists every option.
+
+    Args:
+        argv: the arguments after ``study``; None reads the command line.
+    """
+    from scripts.study import main as study_main
+
+    return study_main(argv)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    if len(sys.argv) > 1 and sys.argv[1] == "study":  # its own parser: fire would turn JSON false / null into strings
+        sys.exit(study(sys.argv[2:]))
     fire.Fire({"pack": pack, "demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx,
                "prepare": _prepare_commands()})
 

@@ -1,0 +1,407 @@
+"""The study's datalists: one fixed test set for every run, and per labeled ratio the adapter's own validation and
+labeled / unlabeled split of the remaining images.
+
+How each ``--data`` is split:
+
+- The **test set** is the same for every run. With ``--test_root`` it is that folder's images (GlaS: its
+  ``testA_`` / ``testB_`` images, or all its annotated images when it has none; KPI: its ``test`` split; EBHI and
+  folders: every annotated image; demo: its ``test`` section). Without it, ``test_count`` annotated training
+  images are held out with :data:`TEST_SEED` (0, independent of the run seeds and of ``split_seed``), stratified
+  by the adapter's group (GlaS grade, EBHI class, KPI disease model; folders have none). The demo data set
+  keeps its own ``test`` section.
+- The remaining images are laid out as a private copy of the data set made of symbolic links (test images
+  left out) and given to the data set's adapter, which forms validation and the labeled / unlabeled split with
+  its own rules and ``split_seed``; the written paths point at the original files. So the test images can never
+  reach training, unlabeled training or model selection, and runs differ only in method, ratio and seed.
+- Held-out images are whole images or patches: KPI patches of one case, or GlaS images of one patient, can fall on
+  both sides. Pass the data set's official test split as ``--test_root`` (GlaS: the folder with ``testA_`` /
+  ``testB_``; KPI: the folder with ``Task1_patch_level/test``) for a test set that shares no case with training.
+- Validation does not depend on the labeled ratio (the adapters pick it before the labeled share), and the
+  labeled sets of the ratios are nested when the strata allow it (same seed, same shuffled order).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from scripts.data.adapters import ebhi_datalist, folder_datalist, glas_datalist, kpi_datalist, read_glas_grades
+from scripts.data.adapters.common import natural_key, resolve_count, stratified_pick, write_datalist
+from scripts.errors import ConfigError
+
+__all__ = ["DATA_NAMES", "TEST_SEED", "StudyData", "build_datalists", "datalist_path", "ratio_label", "load_sections"]
+
+logger = logging.getLogger(__name__)
+
+DATA_NAMES = ("glas", "ebhi_gland", "ebhi_cancer", "kpi", "folder", "demo")
+TEST_SEED = 0
+# Adapter arguments the study sets itself; --adapter_args may not change them.
+_STUDY_ARGS = {"root", "out", "labeled_ratio", "labeled_count", "seed", "test_ratio", "preset"}
+_SECTIONS = ("training", "unlabeled", "validation", "test")
+
+
+def ratio_label(ratio: float) -> str:
+    """The ratio as written in file and run names: ``0.1``, ``0.25``, ``1``."""
+    return f"{ratio:g}"
+
+
+def datalist_path(out: Path, ratio: float) -> Path:
+    """Where the study keeps the datalist of one labeled ratio."""
+    return Path(out) / "datalists" / f"ratio_{ratio_label(ratio)}.json"
+
+
+def load_sections(path: str | os.PathLike) -> dict[str, list[dict]]:
+    """The four sections of a datalist with absolute paths (relative ones start from the datalist's folder)."""
+    path = Path(path)
+    content = json.loads(path.read_text())
+    sections = {}
+    for key in _SECTIONS:
+        entries = []
+        for entry in content.get(key, []):
+            item = dict(entry)
+            for name in ("image", "label"):
+                if name in item:
+                    item[name] = os.path.normpath(str(path.parent / item[name]))
+            entries.append(item)
+        sections[key] = entries
+    return sections
+
+
+@dataclass
+class StudyData:
+    """What the study knows about a data set before splitting it.
+
+    Args:
+        pool: annotated training images (``image``, ``label``, ``group`` and the adapter's fields), absolute paths.
+        unlabeled: training images without annotation, kept unlabeled in every datalist.
+        test: the test entries when they come from ``--test_root`` or the demo's own section, else None.
+        extra: data-set specific paths (the KPI validation folder, the demo's validation section).
+    """
+
+    pool: list[dict]
+    unlabeled: list[dict] = field(default_factory=list)
+    test: list[dict] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _adapter_scan(adapter: Callable, root: Path, scratch: Path, **kwargs) -> dict[str, list[dict]]:
+    """Runs an adapter with every image labeled and nothing held out, so it lists (and checks) the whole set."""
+    out = adapter(root, scratch / "scan.json", labeled_ratio=1.0, validation_ratio=0.0, **kwargs)
+    return load_sections(out)
+
+
+def _glas_files(root: Path) -> list[dict]:
+    """GlaS images with their annotations and grades, via the adapter's own file rules."""
+    from scripts.data.adapters.glas import _scan  # the adapter's file matching (train_N / testA_N / testB_N + _anno)
+
+    if not root.is_dir():
+        raise ConfigError(f"GlaS folder '{root}' does not exist (--root / --test_root).")
+    items, problems = _scan(root)
+    if problems:
+        raise ConfigError(f"GlaS folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+    grades = read_glas_grades(root)
+    return [{"image": str(Path(i["image"]).resolve()), "label": str(Path(i["label"]).resolve()), "subset": i["subset"],
+             "grade": grades.get(name, "unknown"), "group": grades.get(name, "unknown")}
+            for name, i in sorted(items.items(), key=lambda kv: natural_key(kv[0]))]
+
+
+def _kpi_base(root: Path) -> Path:
+    base = root / "Task1_patch_level" if (root / "Task1_patch_level").is_dir() else root
+    if not base.is_dir():
+        raise ConfigError(f"KPI folder '{root}' does not exist (--root / --test_root).")
+    return base
+
+
+def _kpi_patches(base: Path, split: str) -> list[dict]:
+    """Patches of one KPI split (``<split>/<model>/<case>/img/*_img.jpg`` with ``mask/*_mask.jpg``)."""
+    entries, problems = [], []
+    for image in sorted((base / split).glob("*/*/img/*_img.jpg"), key=lambda p: natural_key(str(p))):
+        mask = image.parent.parent / "mask" / image.name.replace("_img.jpg", "_mask.jpg")
+        if not mask.is_file():
+            problems.append(f"{image}: no mask {mask.name}")
+            continue
+        model = image.parent.parent.parent.name
+        entries.append({"image": str(image.resolve()), "label": str(mask.resolve()), "model": model, "group": model,
+                        "case": image.parent.parent.name})
+    if problems:
+        raise ConfigError(f"KPI folder '{base}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+    return entries
+
+
+def _demo_sections(root: Path) -> dict[str, list[dict]]:
+    """The demo data set's sections, generating the default demo set under ``root`` when it holds none."""
+    from scripts.data import ensure_demo_dataset
+
+    path = root / "datalist.json"
+    if not path.is_file():
+        path = Path(ensure_demo_dataset(root))
+    return load_sections(path)
+
+
+def scan_data(data: str, root: Path, test_root: Path | None, scratch: Path) -> StudyData:
+    """Lists the annotated training images of ``root`` (and the test images of ``test_root``) for ``data``.
+
+    Args:
+        data: one of :data:`DATA_NAMES`.
+        root: the data set's folder.
+        test_root: a folder in the same layout whose images form the test set, or None.
+        scratch: an empty folder for the adapters' scratch files.
+    """
+    if data == "glas":
+        files = _glas_files(root)
+        pool = [f for f in files if f["subset"] == "train"]
+        if not pool:
+            raise ConfigError(f"GlaS folder '{root}' holds no train_N images with train_N_anno annotations (--root).")
+        test = None
+        if test_root is not None:
+            candidates = _glas_files(test_root)
+            official = [f for f in candidates if f["subset"] != "train"]
+            test = official or candidates
+        elif len(files) > len(pool):
+            logger.info("[study] %s also holds %d testA_ / testB_ images; they are not used. Pass --test_root %s to "
+                        "test on them instead of held-out training images.", root, len(files) - len(pool), root)
+        return StudyData(pool, test=test)
+    if data in ("ebhi_gland", "ebhi_cancer"):
+        scan = _adapter_scan(ebhi_datalist, root, scratch, preset=data, test_ratio=0.0)
+        pool = [dict(e, group=e["class"]) for e in scan["training"]]
+        test = None
+        if test_root is not None:
+            test = [dict(e, group=e["class"]) for e in _adapter_scan(ebhi_datalist, test_root, scratch, preset=data,
+                                                                     test_ratio=0.0)["training"]]
+        return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
+    if data == "folder":
+        scan = _adapter_scan(folder_datalist, root, scratch, test_ratio=0.0)
+        pool = [dict(e, group="all") for e in scan["training"]]
+        test = None
+        if test_root is not None:
+            test = [dict(e, group="all") for e in _adapter_scan(folder_datalist, test_root, scratch, test_ratio=0.0)["training"]]
+        return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
+    if data == "kpi":
+        base = _kpi_base(root)
+        pool = _kpi_patches(base, "train")
+        if not pool:
+            raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches (--root).")
+        test = None
+        if test_root is None and (base / "test").is_dir():
+            logger.info("[study] %s has an official test split; it is not used. Pass --test_root %s to test on it "
+                        "instead of held-out training patches.", base, root)
+        if test_root is not None:
+            test = _kpi_patches(_kpi_base(test_root), "test")
+            if not test:
+                raise ConfigError(f"KPI folder '{test_root}' has no test/<model>/<case>/img/*_img.jpg patches "
+                                  "(--test_root); point it at a KPI folder with its official test split.")
+        return StudyData(pool, test=test, extra={"validation_dir": base / "validation"})
+    if data == "demo":
+        sections = _demo_sections(root)
+        test = _demo_sections(test_root)["test"] if test_root is not None else sections["test"]
+        return StudyData([dict(e, group="all") for e in sections["training"]], unlabeled=sections["unlabeled"],
+                         test=test, extra={"validation": sections["validation"]})
+    raise ConfigError(f"--data '{data}' is not one of {list(DATA_NAMES)}.")
+
+
+def _hold_out_test(data: StudyData, test_count: int) -> tuple[list[dict], list[dict]]:
+    """(test, rest): ``test_count`` pool images picked with TEST_SEED, stratified by group."""
+    if not 1 <= test_count < len(data.pool):
+        raise ConfigError(f"--test_count {test_count} is out of range: the data set has {len(data.pool)} annotated "
+                          "training images, and validation and training need some of them.")
+    names = [e["image"] for e in data.pool]
+    picked = set(stratified_pick(names, [e["group"] for e in data.pool], test_count, TEST_SEED))
+    return [e for e in data.pool if e["image"] in picked], [e for e in data.pool if e["image"] not in picked]
+
+
+def _link(target: str, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        raise ConfigError(f"Two images of the data set map to '{link}'; the study cannot tell them apart.")
+    link.symlink_to(os.path.realpath(target))
+
+
+def _make_view(data: str, view: Path, pool: Sequence[dict], unlabeled: Sequence[dict], test: Sequence[dict],
+               source: StudyData, root: Path) -> None:
+    """Lays out ``pool`` (and the unlabeled images) as the adapter expects them, as symbolic links."""
+    if data == "glas":
+        for entry in pool:
+            stem = Path(entry["image"]).stem
+            _link(entry["image"], view / Path(entry["image"]).name)
+            _link(entry["label"], view / f"{stem}_anno{Path(entry['label']).suffix}")
+        if (root / "Grade.csv").is_file():
+            _link(str(root / "Grade.csv"), view / "Grade.csv")
+    elif data in ("ebhi_gland", "ebhi_cancer"):
+        for entry in list(pool) + list(test) + list(unlabeled):  # every class folder must exist, even if emptied
+            (view / Path(entry["image"]).parent.parent.name / "image").mkdir(parents=True, exist_ok=True)
+        for entry in pool:
+            folder = view / Path(entry["image"]).parent.parent.name
+            _link(entry["image"], folder / "image" / Path(entry["image"]).name)
+            _link(entry["label"], folder / "label" / Path(entry["label"]).name)
+        for entry in unlabeled:
+            _link(entry["image"], view / Path(entry["image"]).parent.parent.name / "image" / Path(entry["image"]).name)
+    elif data == "folder":
+        for entry in pool:
+            _link(entry["image"], view / "images" / Path(entry["image"]).name)
+            _link(entry["label"], view / "masks" / Path(entry["label"]).name)
+        for entry in unlabeled:
+            _link(entry["image"], view / "unlabeled" / Path(entry["image"]).name)
+    elif data == "kpi":
+        base = view / "Task1_patch_level"
+        for split, entries in (("train", pool), ("test", test)):
+            for entry in entries:
+                folder = base / split / entry["model"] / entry["case"]
+                _link(entry["image"], folder / "img" / Path(entry["image"]).name)
+                _link(entry["label"], folder / "mask" / Path(entry["label"]).name)
+        validation = source.extra["validation_dir"]
+        if Path(validation).is_dir():
+            _link(str(validation), base / "validation")
+
+
+def _adapter(data: str) -> tuple[Callable, dict]:
+    """The adapter of ``data`` and the arguments the study fixes for it."""
+    return {
+        "glas": (glas_datalist, {}),
+        "ebhi_gland": (ebhi_datalist, {"preset": "ebhi_gland", "test_ratio": 0.0}),
+        "ebhi_cancer": (ebhi_datalist, {"preset": "ebhi_cancer", "test_ratio": 0.0}),
+        "folder": (folder_datalist, {"test_ratio": 0.0}),
+        "kpi": (kpi_datalist, {}),
+    }[data]
+
+
+def check_adapter_args(data: str, adapter_args: dict) -> None:
+    """Stops with the allowed names when ``--adapter_args`` holds a key the adapter of ``data`` does not take.
+
+    Args:
+        data: one of :data:`DATA_NAMES`.
+        adapter_args: extra keyword arguments for the adapter (e.g. ``validation_ratio``, KPI's ``rule``).
+    """
+    if data == "demo":
+        if adapter_args:
+            raise ConfigError(f"--adapter_args {adapter_args} is not used with --data demo (its splits are fixed); "
+                              "leave it out.")
+        return
+    adapter, _ = _adapter(data)
+    allowed = sorted(set(inspect.signature(adapter).parameters) - _STUDY_ARGS)
+    wrong = sorted(set(adapter_args) - set(allowed))
+    if wrong:
+        raise ConfigError(f"--adapter_args has key(s) {wrong} that the {data} adapter does not take or that the study "
+                          f"sets itself (ratio, seed, test split); allowed: {allowed}.")
+
+
+def _mask_names(test: list[dict]) -> None:
+    """Gives every test entry a unique ``mask_name`` (its file stem; prefixed by its group when stems repeat)."""
+    stems = [Path(e["image"]).stem for e in test]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    used: set[str] = set()
+    for entry, stem in zip(test, stems):
+        group = entry.get("group") or entry.get("class") or entry.get("model") or entry.get("subset") or "image"
+        name = stem if stem not in repeated else re.sub(r"[^A-Za-z0-9._-]+", "_", f"{group}_{stem}")
+        base, k = name, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        entry["mask_name"] = name
+
+
+def _check_disjoint(sections: dict[str, list[dict]], path: Path) -> None:
+    test = {os.path.realpath(e["image"]) for e in sections["test"]}
+    leaked = [e["image"] for k in ("training", "unlabeled", "validation") for e in sections[k]
+              if os.path.realpath(e["image"]) in test]
+    if leaked:
+        raise ConfigError(f"Datalist '{path}' would train or select models on {len(leaked)} test image(s), e.g. "
+                          f"{leaked[0]}; --test_root must not hold the training images of --root.")
+
+
+def _demo_datalist(source: StudyData, ratio: float, split_seed: int) -> dict[str, list[dict]]:
+    total = len(source.pool) + len(source.unlabeled)
+    n_labeled = resolve_count(total, ratio, None, "labeled")
+    if n_labeled > len(source.pool):
+        raise ConfigError(f"--labeled_ratios {ratio} asks for {n_labeled} labeled images, but the demo data set has "
+                          f"masks for {len(source.pool)} of its {total} training images; use a ratio of at most "
+                          f"{len(source.pool) / total:g} (or generate a larger demo set with "
+                          "`python -m scripts.cli demo-data`).")
+    names = [e["image"] for e in source.pool]
+    chosen = set(stratified_pick(names, ["all"] * len(names), n_labeled, split_seed))
+    return {
+        "training": [e for e in source.pool if e["image"] in chosen],
+        "unlabeled": [{"image": e["image"]} for e in source.pool if e["image"] not in chosen] + list(source.unlabeled),
+        "validation": list(source.extra["validation"]),
+        "test": [],
+    }
+
+
+def build_datalists(data: str, root: str | os.PathLike, out: str | os.PathLike, ratios: Sequence[float],
+                    test_root: str | os.PathLike | None = None, test_count: int = 20, split_seed: int = 0,
+                    adapter_args: dict | None = None) -> dict[float, Path]:
+    """Writes (or reuses) ``OUT/datalists/ratio_<r>.json`` for every labeled ratio; all share one test section.
+
+    Args:
+        data: one of :data:`DATA_NAMES`.
+        root: the data set's folder.
+        out: the study's output folder.
+        ratios: labeled ratios, each in (0, 1].
+        test_root: a folder in the same layout whose images form the test set; None holds out ``test_count``
+            training images instead (seed 0, stratified), or uses the demo's own test section.
+        test_count: images held out for testing when ``test_root`` is None. Defaults to 20.
+        split_seed: seed of the adapter's validation and labeled splits. Defaults to 0.
+        adapter_args: further keyword arguments for the adapter (e.g. ``{"validation_ratio": 0.2}``).
+
+    Returns:
+        ``{ratio: datalist path}``.
+    """
+    adapter_args = dict(adapter_args or {})
+    check_adapter_args(data, adapter_args)
+    root = Path(root).expanduser().resolve()
+    out = Path(out)
+    paths = {r: datalist_path(out, r) for r in ratios}
+    missing = [r for r, p in paths.items() if not p.is_file()]
+    if not missing:
+        return paths
+    scratch = out / "datalists" / ".work"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        source = scan_data(data, root, Path(test_root).expanduser().resolve() if test_root else None, scratch)
+        if source.test is not None:
+            test, pool = list(source.test), list(source.pool)
+            test_note = f"{len(test)} images of {test_root}" if test_root else f"the demo's test section ({len(test)} images)"
+        else:
+            test, pool = _hold_out_test(source, test_count)
+            test_note = f"{len(test)} training images held out (seed {TEST_SEED}, stratified by group)"
+        if not test:
+            raise ConfigError(f"The test set is empty ({test_note}); check --test_root.")
+        for ratio in missing:
+            if data == "demo":
+                sections = _demo_datalist(source, ratio, split_seed)
+                extra = {}
+            else:
+                view = scratch / f"view_{ratio_label(ratio)}"
+                _make_view(data, view, pool, source.unlabeled, test, source, root)
+                adapter, fixed = _adapter(data)
+                written = adapter(view, paths[ratio], labeled_ratio=ratio, seed=split_seed, **fixed, **adapter_args)
+                extra = {"source": {**json.loads(Path(written).read_text()).get("source", {}), "root": str(root)}}
+                sections = load_sections(written)
+                for entries in sections.values():  # from the links back to the original files
+                    for entry in entries:
+                        for key in ("image", "label"):
+                            if key in entry:
+                                entry[key] = os.path.realpath(entry[key])
+            if data != "kpi":  # KPI's test patches went through the adapter's conversion with the view
+                sections["test"] = [{k: (os.path.realpath(v) if k in ("image", "label") else v) for k, v in e.items()}
+                                    for e in test]
+            _mask_names(sections["test"])
+            for entries in sections.values():
+                for entry in entries:
+                    entry.pop("group", None)
+                    entry.pop("case", None)
+            _check_disjoint(sections, paths[ratio])
+            extra["study"] = {"data": data, "labeled_ratio": ratio, "split_seed": split_seed, "test": test_note}
+            write_datalist(sections, paths[ratio], extra=extra)
+            logger.info("[study] datalist %s: %s", paths[ratio], {k: len(v) for k, v in sections.items()})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return paths
