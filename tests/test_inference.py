@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from monai.inferers import SimpleInferer
 from PIL import Image
@@ -66,3 +67,21 @@ def test_folder_with_a_corrupt_and_a_small_image(tmp_path):
         assert ((prob > 127) == (mask > 0))[decisive].all()
         assert np.asarray(Image.open(out / f"{stem}_overlay.png")).shape == (*size, 3)
     assert not (out / "broken_mask.png").exists()
+
+
+def test_scaled_inferer_runs_at_the_scale_and_returns_the_input_size():
+    from scripts.inference import ScaledInferer
+
+    seen = []
+
+    def network(x):  # records the size it sees; a per-pixel function of the image
+        seen.append(tuple(x.shape[-2:]))
+        return torch.cat([x[:, :1], 1.0 - x[:, :1]], dim=1)
+
+    x = torch.full((1, 3, 40, 60), 0.25)
+    out = ScaledInferer(SimpleInferer(), scale=0.5)(x, network)
+    assert seen == [(20, 30)] and out.shape == (1, 2, 40, 60)
+    torch.testing.assert_close(out, torch.cat([x[:, :1], 1.0 - x[:, :1]], dim=1))  # a flat image stays flat
+    torch.testing.assert_close(ScaledInferer(SimpleInferer(), scale=1.0)(x, network), network(x))
+    with pytest.raises(ValueError, match="image_scale=0"):
+        ScaledInferer(SimpleInferer(), scale=0)

@@ -162,3 +162,33 @@ def test_input_not_multiple_of_patch(size):
 def test_ill_arg(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         tiny_net(**kwargs)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+def test_hybrid_layout_feeds_the_vit_with_the_cnn_stem(grid):
+    net = tiny_net(hybrid=True, n_skip=3)
+    assert net.patch_size == 16 and net.encoder.patch_embed.patch_size == (2, 2)
+    assert net.encoder.patch_embed.proj.in_channels == TINY_DECODER["skip_channels"][0]
+    h, w = grid[0] * 16, grid[1] * 16
+    x = torch.rand(2, 3, h, w)
+    tokens, skips = net.encode(x)
+    assert tokens.shape[-2:] == grid and skips[0].shape[-2:] == (h // 8, w // 8)
+    net.eval()
+    with torch.no_grad():
+        assert net(x).shape == (2, 2, h, w)
+    # the ViT really reads the stem: a change of the stem's weights changes the tokens
+    with torch.no_grad():
+        net.skip_stem.stages[0][0][0].weight.mul_(2.0)
+        assert not torch.allclose(net.encode(x)[0], tokens)
+
+
+def test_hybrid_layout_keeps_the_stem_without_skips_and_refuses_what_cannot_work(tmp_path):
+    net = tiny_net(hybrid=True, n_skip=0)
+    assert net.skip_stem is not None and net.decoder.blocks[0].conv1[0].in_channels == 32  # no skip concatenated
+    with pytest.raises(ConfigError, match="divisible by 8"):
+        tiny_net("vit_tiny_reg_p14", hybrid=True)
+    weights = tmp_path / "encoder.pth"
+    torch.save(build_encoder("vit_tiny", **TINY_ENCODER).state_dict(), weights)
+    with pytest.raises(ConfigError, match="hybrid=true feeds the ViT with CNN features"):
+        tiny_net(hybrid=True, encoder_weights=str(weights))
+    assert tiny_net(hybrid="false").hybrid is False  # the command line passes yes / no keys as strings
