@@ -238,3 +238,32 @@ def test_training_schedule_refuses_bad_budgets():
         training_schedule(4, 0, 25, 7)
     with pytest.raises(ConfigError, match="epoch_iterations"):
         training_schedule(4, 10, None, 0)
+
+
+def test_repeated_sampler_never_leaves_an_image_out_and_favours_none():
+    from scripts.engines import RepeatedSampler
+
+    larger = RepeatedSampler(list(range(30)), length=20, seed=0)  # more labeled than unlabeled images
+    assert sorted(larger) == list(range(30))
+    sampler = RepeatedSampler(list(range(9)), length=68, seed=0)
+    totals = torch.zeros(9)
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        drawn = torch.tensor(list(sampler))
+        assert len(drawn) == 68 and set(torch.bincount(drawn, minlength=9).tolist()) <= {7, 8}
+        totals += torch.bincount(drawn, minlength=9)
+    # the images that get the eighth draw change from pass to pass
+    assert totals.max() - totals.min() < 20
+
+
+def test_labeled_and_unlabeled_streams_do_not_draw_in_lockstep(demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method="unimatch", labeled_batch_size=2, unlabeled_batch_size=2)
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.state.epoch = 1
+    trainer._passes = {"unlabeled": 0, "labeled": 0, "mix": 0}
+    orders = []
+    for _ in range(4):
+        trainer._streams.clear()
+        trainer._next("labeled"), trainer._next("unlabeled")
+        orders.append((list(trainer.labeled_loader.sampler), list(trainer.unlabeled_loader.sampler)))
+    assert any(labeled != unlabeled for labeled, unlabeled in orders)

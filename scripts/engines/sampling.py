@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -20,11 +21,13 @@ class RepeatedSampler(DistributedSampler):
 
     This is UniMatch's oversampling of the labeled set: with 9 labeled and 68 unlabeled images, one pass of the
     labeled loader is as long as one of the unlabeled loader, instead of ending (and being rebuilt) every few
-    iterations. Each index appears ``floor`` or ``ceil`` of ``length / len(dataset)`` times per pass.
+    iterations. A pass is made of whole shuffled rounds of the data set (each round an independent permutation)
+    cut to ``length``, so every index appears ``floor`` or ``ceil`` of ``length / len(dataset)`` times and no index
+    is favoured from pass to pass. A ``length`` below ``len(dataset)`` is raised to it: no image is ever left out.
 
     Args:
         dataset: the data set to draw from.
-        length: draws per pass, at least ``len(dataset)`` to be useful.
+        length: draws per pass (at least ``len(dataset)`` are made).
         seed: shuffling seed. Defaults to 0.
         shuffle: shuffle the draws. Defaults to True.
         drop_last: drop the tail that does not divide among processes. Defaults to False.
@@ -42,12 +45,24 @@ class RepeatedSampler(DistributedSampler):
         if length <= 0:
             raise ValueError(f"RepeatedSampler length={length} must be positive.")
         replicas, rank = _replicas()
-        super().__init__(range(int(length)), num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+        super().__init__(range(max(int(length), size)), num_replicas=replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
         self.dataset_size = size
 
     def __iter__(self) -> Iterator[int]:
-        return (index % self.dataset_size for index in super().__iter__())
+        length, size = len(self.dataset), self.dataset_size
+        rounds = -(-length // size)
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.cat([torch.randperm(size, generator=generator) for _ in range(rounds)])[:length].tolist()
+        else:
+            order = [i % size for i in range(length)]
+        if not self.drop_last:  # pad so that every process gets the same number of draws
+            order += order[: self.total_size - len(order)]
+        else:
+            order = order[: self.total_size]
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
 def epoch_sampler(dataset: Dataset, seed: int = 0, shuffle: bool = True, drop_last: bool = False,

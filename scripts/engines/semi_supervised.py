@@ -299,7 +299,9 @@ class SemiSupervisedTrainer(Trainer):
             raise ConfigError(f"The {name} stream yields no batch: fewer images than its batch size.")
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch_seed(self.seed, self.state.epoch, 100 + self._passes[name]))
+            # each stream and pass gets its own order: streams of equal length must not draw in lockstep
+            stream = list(self._loaders()).index(name)
+            sampler.set_epoch(epoch_seed(self.seed, self.state.epoch, 1000 * (stream + 1) + self._passes[name]))
         self._passes[name] += 1
         self._streams[name] = iter(loader)
         return next(self._streams[name])

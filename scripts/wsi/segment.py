@@ -131,7 +131,7 @@ class SlideSegmenter:
         self.num_classes, self.class_names = num_classes, list(class_names)
         self.level, self.mpp = level, mpp
         self.tile_size, self.halo = int(tile_size), int(halo)
-        self.device, self.amp = torch.device(device), amp
+        self.device, self.amp = torch.device(device), as_bool(amp, "amp")
         self.mask_scale = mask_scale
         tissue_detection, geojson = as_bool(tissue_detection, "tissue_detection"), as_bool(geojson, "wsi_geojson")
         overwrite = as_bool(overwrite, "wsi_overwrite")
@@ -174,7 +174,7 @@ class SlideSegmenter:
                 "classes": self.class_names, "mask_scale": self.mask_scale, "tissue_detection": self.tissue_detection,
                 "tissue_downsample": self.tissue_downsample, "tissue_threshold": self.tissue_threshold,
                 "min_tissue_fraction": self.min_tissue_fraction, "geojson": self.geojson, "simplify": self.simplify,
-                "min_object_area": self.min_object_area}
+                "min_object_area": self.min_object_area, "image_scale": getattr(self.inferer, "scale", 1.0)}
 
     def _done(self, slide_path: str, outputs: dict[str, Path]) -> dict | None:
         """The summary of an earlier run with the same settings whose outputs all exist, else None."""
