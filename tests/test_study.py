@@ -219,6 +219,21 @@ def test_other_test_setting_in_the_same_out_is_refused(study, tmp_path):
         main([*args, "--split_seed", "1"])
 
 
+def test_an_edited_config_file_in_the_same_out_is_refused(study):
+    out, args, _ = study
+    path = out / "study.json"
+    original = path.read_text()
+    recorded = json.loads(original)
+    assert "bundle/configs/train.json" in recorded["files"] and "bundle/configs/evaluate.json" in recorded["files"]
+    recorded["files"]["bundle/configs/train.json"] = "0" * 64  # as if train.json had been edited since
+    path.write_text(json.dumps(recorded))
+    try:
+        with pytest.raises(ConfigError, match="other files settings .*train.json"):
+            main(args)
+    finally:
+        path.write_text(original)
+
+
 def test_killed_run_restarts_cleanly(study, caplog):
     out, args, _ = study
     run = out / "runs" / "unimatch_r0.5_s0"

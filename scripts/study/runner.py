@@ -231,6 +231,9 @@ class Study:
                 "overrides": o.overrides,
             },
             "grid": {"methods": o.methods, "labeled_ratios": o.labeled_ratios, "seeds": o.seeds},
+            # the contents of every config file a run reads, so that an edited train.json or preset is noticed
+            "files": {os.path.relpath(p, REPO_ROOT) if Path(p).is_relative_to(REPO_ROOT) else str(p): _sha256(Path(p))
+                      for p in dict.fromkeys([*self.train_files, CONFIG_DIR / "evaluate.json"])},
         }
 
     def check_previous(self, record: dict) -> None:
@@ -242,7 +245,8 @@ class Study:
                                   "study runner. Use a new --out.")
             return
         previous = json.loads(path.read_text())
-        for section in ("data", "test", "training"):
+        sections = ("data", "test", "training") + (("files",) if "files" in previous else ())
+        for section in sections:
             old, new = previous.get(section), json.loads(json.dumps(record[section]))
             if old != new:
                 keys = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
