@@ -14,7 +14,7 @@ or runs out of time, or a run stopped from outside, leaves the results of those 
    ONNX Runtime with its CUDA provider where onnxruntime-gpu has one, else the provider it names);
 3. ``wsi``: ``scripts.benchmarks.wsi`` on a generated 16384 x 16384 slide with the GPU.
 
-``docs/benchmarks.md`` ("GPU checks") says how to carry the packages a bare GPU machine lacks.
+``docs/benchmarks.md`` ("GPU checks") describes the checks and their options.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _run(name: str, command: list[str], out: Path, timeout: int) -> dict:
     """Runs one check; its combined output goes to ``<out>/<name>.log``."""
     print(f"[{name}] {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep packages already on PYTHONPATH
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     # a session of its own, so that a check out of time is stopped with every process it started
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
