@@ -92,6 +92,7 @@ def main(out: str = "gpu_results", smoke: bool = False, timeout: int = 240) -> s
     env = _environment()
     print(json.dumps(env), flush=True)
     python = sys.executable
+    smoke = as_bool(smoke, "smoke")
     if smoke:  # the same commands at sizes a CPU finishes in minutes
         train_net = ["--encoder_name", "vit_tiny", "--roi_size", "[64,64]", "--labeled_batch_size", "2",
                      "--unlabeled_batch_size", "2", "--text_cfg", "{'layers': 1, 'width': 64, 'heads': 2}"]

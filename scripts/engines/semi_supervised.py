@@ -89,19 +89,6 @@ def training_schedule(num_epochs: int, num_iterations: int | None, epoch_iterati
     return epochs, length
 
 
-class _Ticks:
-    """What Ignite iterates: ``n`` placeholders an epoch. The trainer draws its batches from its own streams."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter(range(self.n))
-
-
 def _to_device(batch: dict, device: torch.device, non_blocking: bool) -> dict:
     out = {}
     for key, value in batch.items():
@@ -233,8 +220,9 @@ class SemiSupervisedTrainer(Trainer):
         epoch_length = len(unlabeled_loader) if epoch_length is None else int(epoch_length)
         if amp_dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"amp_dtype='{amp_dtype}' must be 'bfloat16' or 'float16'.")
+        # Ignite iterates placeholders; the trainer draws its batches from its own streams.
         super().__init__(
-            device=device, max_epochs=max_epochs, data_loader=_Ticks(epoch_length), epoch_length=epoch_length,
+            device=device, max_epochs=max_epochs, data_loader=range(epoch_length), epoch_length=epoch_length,
             non_blocking=non_blocking, handlers=None, amp=as_bool(amp, "amp"), decollate=False,
         )
         self.network = network

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scripts.data.adapters import ebhi_datalist, folder_datalist, glas_datalist, kpi_datalist, read_glas_grades
+from scripts.data.adapters.glas import scan_glas
+from scripts.data.adapters.kpi import kpi_base, scan_kpi_split
 from scripts.data.adapters.common import natural_key, resolve_count, stratified_pick, write_datalist
 from scripts.errors import ConfigError
 
@@ -99,11 +101,9 @@ def _adapter_scan(adapter: Callable, root: Path, scratch: Path, **kwargs) -> dic
 
 def _glas_files(root: Path) -> list[dict]:
     """GlaS images with their annotations and grades, via the adapter's own file rules."""
-    from scripts.data.adapters.glas import _scan  # the adapter's file matching (train_N / testA_N / testB_N + _anno)
-
     if not root.is_dir():
         raise ConfigError(f"GlaS folder '{root}' does not exist (--root / --test_root).")
-    items, problems = _scan(root)
+    items, problems = scan_glas(root)
     if problems:
         raise ConfigError(f"GlaS folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
     grades = read_glas_grades(root)
@@ -112,27 +112,10 @@ def _glas_files(root: Path) -> list[dict]:
             for name, i in sorted(items.items(), key=lambda kv: natural_key(kv[0]))]
 
 
-def _kpi_base(root: Path) -> Path:
-    base = root / "Task1_patch_level" if (root / "Task1_patch_level").is_dir() else root
-    if not base.is_dir():
-        raise ConfigError(f"KPI folder '{root}' does not exist (--root / --test_root).")
-    return base
-
-
 def _kpi_patches(base: Path, split: str) -> list[dict]:
-    """Patches of one KPI split (``<split>/<model>/<case>/img/*_img.jpg`` with ``mask/*_mask.jpg``)."""
-    entries, problems = [], []
-    for image in sorted((base / split).glob("*/*/img/*_img.jpg"), key=lambda p: natural_key(str(p))):
-        mask = image.parent.parent / "mask" / image.name.replace("_img.jpg", "_mask.jpg")
-        if not mask.is_file():
-            problems.append(f"{image}: no mask {mask.name}")
-            continue
-        model = image.parent.parent.parent.name
-        entries.append({"image": str(image.resolve()), "label": str(mask.resolve()), "model": model, "group": model,
-                        "case": image.parent.parent.name})
-    if problems:
-        raise ConfigError(f"KPI folder '{base}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
-    return entries
+    """Patches of one KPI split, as study entries grouped by disease model."""
+    return [{"image": str(image.resolve()), "label": str(mask.resolve()), "model": model, "group": model, "case": case}
+            for image, mask, model, case in scan_kpi_split(base, split)]
 
 
 def _demo_sections(root: Path) -> dict[str, list[dict]]:
@@ -184,7 +167,7 @@ def scan_data(data: str, root: Path, test_root: Path | None, scratch: Path) -> S
             test = [dict(e, group="all") for e in _adapter_scan(folder_datalist, test_root, scratch, test_ratio=0.0)["training"]]
         return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
     if data == "kpi":
-        base = _kpi_base(root)
+        base = kpi_base(root)
         pool = _kpi_patches(base, "train")
         if not pool:
             raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches (--root).")
@@ -193,7 +176,7 @@ def scan_data(data: str, root: Path, test_root: Path | None, scratch: Path) -> S
             logger.info("[study] %s has an official test split; it is not used. Pass --test_root %s to test on it "
                         "instead of held-out training patches.", base, root)
         if test_root is not None:
-            test = _kpi_patches(_kpi_base(test_root), "test")
+            test = _kpi_patches(kpi_base(test_root), "test")
             if not test:
                 raise ConfigError(f"KPI folder '{test_root}' has no test/<model>/<case>/img/*_img.jpg patches "
                                   "(--test_root); point it at a KPI folder with its official test split.")

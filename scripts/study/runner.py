@@ -268,6 +268,23 @@ class Study:
                 "--seed", encode_override(run.seed),
                 *extra, *_override_args(self.options.overrides)]
 
+    def _step(self, run_id: str, files: Sequence[Path], run: StudyRun, run_dir: Path, datalist: Path,
+              extra: Sequence[str], log_name: str) -> tuple[str, float]:
+        """Runs ``monai.bundle run <run_id>`` for one run; returns what it logged and its seconds.
+
+        Raises:
+            RunFailed: naming the step and its log when the command fails.
+        """
+        start = time.perf_counter()
+        code, output = self._call(self._command(run_id, files, run, run_dir, datalist, extra), run_dir / log_name)
+        seconds = time.perf_counter() - start
+        if code != 0:
+            step = "training" if run_id == "training" else "evaluation"
+            logger.error("[study] %s: %s failed (exit code %d); last lines of %s:\n%s", run.name, step, code,
+                         run_dir / log_name, self._tail(output))
+            raise RunFailed(f"{step} failed (exit code {code}); see runs/{run.name}/{log_name}")
+        return output, seconds
+
     def _call(self, command: list[str], log_path: Path) -> tuple[int, str]:
         """Runs ``command`` from the repository root, appending its output to ``log_path``; returns the exit code
         and what this call appended."""
@@ -298,29 +315,15 @@ class Study:
             done_path.unlink(missing_ok=True)
             for sub in ("models", "runs", "eval", MASK_DIR_NAME):  # a killed run starts afresh, never half-resumed
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
-            start = time.perf_counter()
-            command = self._command("training", self.train_files, run, run_dir, datalist,
-                                    ["--resume", encode_override(False)])
-            code, output = self._call(command, run_dir / "train.log")
-            seconds = time.perf_counter() - start
-            if code != 0:
-                logger.error("[study] %s: training failed (exit code %d); last lines of %s:\n%s", run.name, code,
-                             run_dir / "train.log", self._tail(output))
-                raise RunFailed(f"training failed (exit code {code}); see runs/{run.name}/train.log")
+            output, seconds = self._step("training", self.train_files, run, run_dir, datalist,
+                                         ["--resume", encode_override(False)], "train.log")
             found = _FINISHED.findall(output)
             training = {"train_seconds": round(seconds, 1), "iterations": int(found[-1][1]) if found else None}
             _atomic_json(done_path, training)
         for sub in ("eval", MASK_DIR_NAME):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
-        start = time.perf_counter()
-        command = self._command("evaluating", self.eval_files, run, run_dir, datalist,
-                                ["--eval_section", encode_override("test")])
-        code, output = self._call(command, run_dir / "eval.log")
-        eval_seconds = time.perf_counter() - start
-        if code != 0:
-            logger.error("[study] %s: evaluation failed (exit code %d); last lines of %s:\n%s", run.name, code,
-                         run_dir / "eval.log", self._tail(output))
-            raise RunFailed(f"evaluation failed (exit code {code}); see runs/{run.name}/eval.log")
+        _, eval_seconds = self._step("evaluating", self.eval_files, run, run_dir, datalist,
+                                     ["--eval_section", encode_override("test")], "eval.log")
         metrics, per_image = self._read_evaluation(run, run_dir)
         self._check_masks(run, run_dir, test)
         sections = load_sections(datalist)
@@ -433,11 +436,7 @@ class Study:
                             "n/a" if result["metrics"].get("dice") is None else f"{result['metrics']['dice']:.4f}")
             durations.setdefault(run.method, []).append((result.get("train_seconds") or 0) + (result.get("eval_seconds") or 0))
             results.append(result)
-            row = {k: result.get(k) for k in ("method", "labeled_ratio", "seed", "run", "status", "n_labeled",
-                                               "n_unlabeled", "n_test", "iterations", "train_seconds")}
-            row.update({column: result["metrics"].get(name) for name, column in METRIC_COLUMNS.items()})
-            row["trivial_dice"] = round(trivial_dice, 6)
-            rows.append(row)
+            rows.append(_csv_row(result, trivial_dice))
         # Finished runs of earlier calls with another grid (e.g. ablations with one seed) join the report: the
         # settings check above guarantees they share data, test set and training settings.
         grid = {run.name for run in self.runs}
@@ -446,11 +445,7 @@ class Study:
                 continue
             result = json.loads(path.read_text())
             results.append(result)
-            row = {k: result.get(k) for k in ("method", "labeled_ratio", "seed", "run", "status", "n_labeled",
-                                               "n_unlabeled", "n_test", "iterations", "train_seconds")}
-            row.update({column: result["metrics"].get(name) for name, column in METRIC_COLUMNS.items()})
-            row["trivial_dice"] = round(trivial_dice, 6)
-            rows.append(row)
+            rows.append(_csv_row(result, trivial_dice))
         self._write_reports(results, rows, trivial, trivial_dice, len(test))
         if failed:
             logger.error("[study] %d of %d runs failed: %s (their logs are in %s)", len(failed), len(self.runs),
@@ -483,6 +478,15 @@ class Study:
         write_results_markdown(self.out / "results.md", results, rows, methods, ratios, trivial, header)
         write_label_efficiency_plot(self.out / "label_efficiency.png", results, methods, ratios,
                                     trivial_dice, title=f"{o.data}: test Dice on {n_test} test images")
+
+
+def _csv_row(result: dict, trivial_dice: float) -> dict:
+    """One run's row of ``results.csv``."""
+    row = {k: result.get(k) for k in ("method", "labeled_ratio", "seed", "run", "status", "n_labeled", "n_unlabeled",
+                                       "n_test", "iterations", "train_seconds")}
+    row.update({column: result["metrics"].get(name) for name, column in METRIC_COLUMNS.items()})
+    row["trivial_dice"] = round(trivial_dice, 6)
+    return row
 
 
 def run_study(options: StudyOptions) -> list[str]:

@@ -16,7 +16,7 @@ from scripts.errors import ConfigError
 
 from .common import natural_key, resolve_count, stratified_pick, write_datalist
 
-__all__ = ["glas_datalist", "read_glas_grades"]
+__all__ = ["glas_datalist", "read_glas_grades", "scan_glas"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def read_glas_grades(root: Path) -> dict[str, str]:
     return grades
 
 
-def _scan(root: Path) -> tuple[dict[str, dict], list[str]]:
+def scan_glas(root: Path) -> tuple[dict[str, dict], list[str]]:
     """Images with their annotations by name, and the problems found (images without annotation and the reverse)."""
     files = {p.stem: p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
     items, problems = {}, []
@@ -79,7 +79,7 @@ def glas_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_ratio
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"GlaS folder '{root}' does not exist (--root); point it at the folder with train_N.bmp files.")
-    items, problems = _scan(root)
+    items, problems = scan_glas(root)
     if problems:
         raise ConfigError(f"GlaS folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
     train = sorted((n for n, i in items.items() if i["subset"] == "train"), key=natural_key)

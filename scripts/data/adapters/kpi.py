@@ -16,7 +16,7 @@ from scripts.errors import ConfigError
 
 from .common import natural_key, resolve_count, stratified_pick, write_datalist
 
-__all__ = ["kpi_datalist"]
+__all__ = ["kpi_datalist", "kpi_base", "scan_kpi_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,34 @@ def _pieces(image: Image.Image, mask: Image.Image | None, rule: str, factor: int
             yield f"_r{top // tile_size}c{left // tile_size}", image.crop(box), None if mask is None else mask.crop(box)
 
 
+def kpi_base(root: str | os.PathLike) -> Path:
+    """The folder holding KPI's ``train`` / ``validation`` / ``test`` splits: ``root/Task1_patch_level`` or ``root``."""
+    root = Path(root).expanduser()
+    base = root / "Task1_patch_level" if (root / "Task1_patch_level").is_dir() else root
+    if not base.is_dir():
+        raise ConfigError(f"KPI folder '{root}' does not exist (--root).")
+    return base
+
+
+def scan_kpi_split(base: Path, split: str) -> list[tuple[Path, Path, str, str]]:
+    """``(image, mask, disease model, case)`` for every patch of one split
+    (``<split>/<model>/<case>/img/*_img.jpg`` with ``mask/*_mask.jpg``), in natural order.
+
+    Raises:
+        ConfigError: listing the patches without a mask.
+    """
+    found, problems = [], []
+    for image in sorted((base / split).glob("*/*/img/*_img.jpg"), key=lambda p: natural_key(str(p))):
+        mask = image.parent.parent / "mask" / image.name.replace("_img.jpg", "_mask.jpg")
+        if not mask.is_file():
+            problems.append(f"{image}: no mask {mask.name}")
+            continue
+        found.append((image, mask, image.parent.parent.parent.name, image.parent.parent.name))
+    if problems:
+        raise ConfigError(f"KPI folder '{base}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+    return found
+
+
 def kpi_datalist(root: str | os.PathLike, out: str | os.PathLike, rule: str = "downsample", factor: int = 4,
                  tile_size: int = 512, labeled_ratio: float | None = 0.1, labeled_count: int | None = None,
                  seed: int = 0, mask_threshold: int = 127) -> Path:
@@ -51,10 +79,7 @@ def kpi_datalist(root: str | os.PathLike, out: str | os.PathLike, rule: str = "d
         seed: split seed. Defaults to 0.
         mask_threshold: mask pixels above it are glomerulus. Defaults to 127.
     """
-    root = Path(root).expanduser()
-    base = root / "Task1_patch_level" if (root / "Task1_patch_level").is_dir() else root
-    if not base.is_dir():
-        raise ConfigError(f"KPI folder '{root}' does not exist (--root).")
+    base = kpi_base(root)
     if rule not in ("downsample", "tile"):
         raise ConfigError(f"rule='{rule}' is not 'downsample' or 'tile'.")
     if (rule == "downsample" and factor < 1) or (rule == "tile" and tile_size < 16):
@@ -62,17 +87,9 @@ def kpi_datalist(root: str | os.PathLike, out: str | os.PathLike, rule: str = "d
     out = Path(out).expanduser().resolve()
     converted = out.parent / f"kpi_{rule}"
     found: dict[str, list[tuple[str, str, Path, Path]]] = {}
-    problems = []
     for split in SPLITS:
-        for image in sorted((base / split).glob("*/*/img/*_img.jpg"), key=lambda p: natural_key(str(p))):
-            mask = image.parent.parent / "mask" / image.name.replace("_img.jpg", "_mask.jpg")
-            if not mask.is_file():
-                problems.append(f"{image}: no mask {mask.name}")
-                continue
-            model = image.parent.parent.parent.name
+        for image, mask, model, _ in scan_kpi_split(base, split):
             found.setdefault(split, []).append((f"{split}/{model}/{image.stem}", model, image, mask))
-    if problems:
-        raise ConfigError(f"KPI folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
     if not found.get("train"):
         raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches.")
     train = found["train"]
