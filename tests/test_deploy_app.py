@@ -76,12 +76,14 @@ def test_operators_compute_writes_the_bundle_masks(model, images, bundle_masks, 
 
 def test_image_failing_at_load_time_is_skipped_and_reported(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "good.png")
-    Image.new("LA", (20, 20)).save(tmp_path / "two_channels.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "overwritten.png")
     loader = ImageFolderLoader(tmp_path)
+    (tmp_path / "overwritten.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # replaced after the scan, before its turn
     loaded = {path.rsplit("/", 1)[-1]: loader.load(path) for path in loader.paths}
-    assert loaded["two_channels.png"] is None and tuple(loaded["good.png"].shape) == (3, 20, 20)
-    with pytest.raises(ConfigError, match=r"1 of 2 images .*\n  .*two_channels\.png: .*2 channels"):
+    assert loaded["overwritten.png"] is None and tuple(loaded["good.png"].shape) == (3, 20, 20)
+    with pytest.raises(ConfigError, match=r"1 of 2 images .*\n  cannot read .*overwritten\.png: .*not an image"):
         loader.report()
+    Image.new("RGB", (20, 20)).save(tmp_path / "overwritten.png")
     loader = ImageFolderLoader(tmp_path)
     loader.load(str(tmp_path / "good.png"))
     loader.report()

@@ -103,7 +103,8 @@ def list_images(input_dir: str | os.PathLike) -> list[dict]:
     folder = Path(input_dir).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"Input folder '{folder}' does not exist (config key 'input_dir'); point it at a folder of images.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # not is_file(): a broken link or a link loop named like an image is listed, so that reading it reports it
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     if not files:
         raise ConfigError(
             f"Input folder '{folder}' holds no images with suffixes {list(IMAGE_SUFFIXES)} (config key 'input_dir')."

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.errors import ConfigError
 
+from .images import PLAIN_MODES, RGB_CONVERSIONS, read_rgb
+
 __all__ = ["EnsureRGBd", "PrepareLabeld", "check_roi_size", "IMAGENET_MEAN_255", "IMAGENET_STD_255"]
+
+logger = logging.getLogger(__name__)
 
 # ImageNet statistics on the 0..255 scale that LoadImage returns (UNI was trained with them).
 IMAGENET_MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -23,21 +29,52 @@ def _source(data: Mapping, key: Hashable) -> str:
 
 
 class EnsureRGBd(MapTransform):
-    """Makes channel-first images RGB: grey is repeated, an alpha channel dropped; anything else is refused."""
+    """Makes channel-first images RGB on the 0..255 scale, as ``RGB_CONVERSIONS`` says for each PIL mode.
+
+    Grey is repeated and an alpha channel dropped in place. Palette, CMYK, YCbCr, black-and-white and 16-bit
+    images, whose stored values are not RGB on 0..255, are read again from their file (``meta['mode']`` and
+    ``meta['filename_or_obj']`` of PILReader) and converted by ``rgb_array``; the first image of each converted
+    mode is logged. Modes without a conversion, and other channel counts, are refused with a ``ConfigError``.
+    Use it right after loading, before any spatial transform.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self._logged_modes: set[str] = set()
+
+    def _reread(self, img: torch.Tensor, source: str) -> torch.Tensor:
+        rgb = torch.as_tensor(read_rgb(source)).permute(2, 0, 1).to(img.dtype)
+        if rgb.shape[1:] != img.shape[1:]:
+            raise ConfigError(
+                f"Image '{source}' is {rgb.shape[2]}x{rgb.shape[1]} in its file but {img.shape[2]}x{img.shape[1]} "
+                "when converted to RGB; put EnsureRGBd right after LoadImaged."
+            )
+        if isinstance(img, MetaTensor):
+            return MetaTensor(rgb, meta=img.meta, applied_operations=img.applied_operations)
+        return rgb
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
+            mode = (getattr(img, "meta", None) or {}).get("mode")
+            if mode is not None and mode not in PLAIN_MODES:
+                img = self._reread(img, _source(d, key))
+            if mode not in (None, "RGB", "L") and mode not in self._logged_modes:
+                self._logged_modes.add(mode)
+                logger.info("Image '%s' has PIL mode %s: %s; other %s images are converted the same way.",
+                            _source(d, key), mode, RGB_CONVERSIONS[mode], mode)
             channels = img.shape[0]
-            if channels == 1:
-                d[key] = img.repeat(3, *([1] * (img.ndim - 1)))
-            elif channels == 4:
-                d[key] = img[:3]
+            if channels in (1, 2):  # grey, grey + alpha
+                img = img[:1].repeat(3, *([1] * (img.ndim - 1)))
+            elif channels == 4:  # RGB + alpha
+                img = img[:3]
             elif channels != 3:
                 raise ConfigError(
-                    f"Image '{_source(d, key)}' has {channels} channels; expected RGB (3), RGBA (4) or grey (1)."
+                    f"Image '{_source(d, key)}' has {channels} channels; expected RGB (3), RGBA (4), grey (1) or "
+                    "grey with alpha (2)."
                 )
+            d[key] = img
         return d
 
 
@@ -87,7 +124,11 @@ class PrepareLabeld(MapTransform):
 def check_roi_size(roi_size: Sequence[int], patch_size: int, key: str = "roi_size") -> list[int]:
     """Returns ``roi_size`` as a list after checking that each side is a positive multiple of the patch size."""
     sizes = [int(s) for s in roi_size]
-    if len(sizes) != 2 or any(s <= 0 or s % patch_size for s in sizes):
+    if len(sizes) != 2:
+        raise ConfigError(
+            f"Config key '{key}' is {list(roi_size)}; it needs 2 sides (height, width), e.g. {[patch_size * 14] * 2}."
+        )
+    if any(s <= 0 or s % patch_size for s in sizes):
         nearest = [max(patch_size, round(s / patch_size) * patch_size) for s in sizes]
         raise ConfigError(
             f"Config key '{key}' is {list(roi_size)}; each side must be a positive multiple of the encoder patch "

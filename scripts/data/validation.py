@@ -11,27 +11,16 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from scripts.config import as_bool
 from scripts.errors import ConfigError
 
 from .datalist import load_datalist
+from .images import read_image
 
 __all__ = ["checked_datalist", "check_entries"]
 
 logger = logging.getLogger(__name__)
-
-
-def _read(path: str) -> tuple[np.ndarray | None, str | None]:
-    if not os.path.isfile(path):
-        return None, f"{path} not found"
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            return np.asarray(handle), None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        return None, f"cannot read {path}: {err}"
 
 
 def _mask_problem(mask: np.ndarray, path: str, num_classes: int) -> str | None:
@@ -44,21 +33,22 @@ def _mask_problem(mask: np.ndarray, path: str, num_classes: int) -> str | None:
     if num_classes > 2:
         bad = np.unique(mask[mask >= num_classes])
         if bad.size:
-            return f"mask {path} has values {bad[:8].tolist()} outside the class indices 0..{num_classes - 1}"
+            return (f"mask {path} has values {bad[:8].tolist()} outside the class indices 0..{num_classes - 1}; "
+                    "fix the mask or set 'num_classes'")
     return None
 
 
 def check_entries(entries: Sequence[dict], section: str, num_classes: int = 2) -> tuple[list[dict], list[str]]:
-    """The entries that are sound, and one line per problem (unreadable file, size mismatch, bad mask values)."""
+    """The entries that are sound, and one line per problem (unreadable file, image mode without an RGB
+    conversion, size mismatch, bad mask values)."""
     good, problems = [], []
     for entry in entries:
-        image, error = _read(entry["image"])
-        issue = error
+        image, issue = read_image(entry["image"], rgb=True)
         if issue is None and "label" in entry:
-            mask, issue = _read(entry["label"])
+            mask, issue = read_image(entry["label"])
             if issue is None and mask.shape[:2] != image.shape[:2]:
                 issue = (f"mask {entry['label']} is {mask.shape[1]}x{mask.shape[0]} but its image {entry['image']} "
-                         f"is {image.shape[1]}x{image.shape[0]}")
+                         f"is {image.shape[1]}x{image.shape[0]}; a mask must have its image's size")
             if issue is None:
                 issue = _mask_problem(mask, entry["label"], num_classes)
         if issue is None:
@@ -73,8 +63,8 @@ def checked_datalist(datalist: str | os.PathLike, dataset_dir: str | os.PathLike
                      require_unlabeled: bool = True, drop_invalid: bool = False) -> dict[str, list[dict]]:
     """Loads and checks the given sections of a datalist; returns ``{section: entries}``.
 
-    Problems found: missing files, unreadable or corrupt images,
-    masks whose size differs from their image, colour masks, mask values outside the classes, the same image
+    Problems found: missing files, unreadable, empty, truncated or oversized files (``read_image``), image modes
+    without an RGB conversion, masks whose size differs from their image, colour masks, mask values outside the classes, the same image
     listed twice (within or across sections), and an empty unlabeled set when the method needs one.
 
     Args:

@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from scripts.config import as_bool
+from scripts.data.images import read_rgb
 
 __all__ = ["EvaluationReport", "draw_overlay"]
 
@@ -90,7 +91,7 @@ class EvaluationReport:
                 pred = (pred.argmax(0) if pred.shape[0] > 1 else pred[0]).cpu().numpy()
                 label = out.get("label")
                 truth = None if label is None else (label.argmax(0) if label.shape[0] > 1 else label[0]).cpu().numpy()
-                rgb = np.asarray(Image.open(source).convert("RGB"))
+                rgb = read_rgb(source)
                 folder = self.output_dir / "overlays"
                 folder.mkdir(parents=True, exist_ok=True)
                 stem = os.path.splitext(os.path.basename(source))[0]

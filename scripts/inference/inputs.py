@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from ignite.engine import Engine, Events
-from PIL import Image, UnidentifiedImageError
 
 from scripts.data.datalist import list_images
+from scripts.data.images import read_image
 from scripts.errors import ConfigError
 
 __all__ = ["InferenceInputs", "scan_inputs"]
@@ -36,20 +36,21 @@ class InferenceInputs:
             raise ConfigError(
                 f"{len(self.failures)} of {total} images in '{self.source}' could not be read and were skipped "
                 f"(the other {len(self.items)} were segmented):\n  " + "\n  ".join(self.failures)
+                + "\nReplace or remove these files, then segment them again."
             )
 
 
 def scan_inputs(input_dir: str | os.PathLike) -> InferenceInputs:
-    """Opens every image of ``input_dir`` once; unreadable files are logged and kept for the final report."""
+    """Opens every image of ``input_dir`` once; unreadable files, and images whose mode cannot be made RGB, are
+    logged and kept for the final report."""
     items, failures = [], []
     for item in list_images(input_dir):
-        try:
-            with Image.open(item["image"]) as handle:
-                handle.load()
+        _, problem = read_image(item["image"], rgb=True)
+        if problem is None:
             items.append(item)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            failures.append(f"{item['image']}: {err}")
-            logger.error("Cannot read %s (%s); it is skipped and reported at the end.", item["image"], err)
+        else:
+            failures.append(problem)
+            logger.error("%s; it is skipped and reported at the end.", problem)
     if not items:
         raise ConfigError(f"None of the images in '{input_dir}' could be read:\n  " + "\n  ".join(failures))
     return InferenceInputs(items, failures, str(Path(input_dir)))

@@ -12,6 +12,7 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from scripts.config import as_bool
+from scripts.data.images import read_rgb
 from scripts.errors import ConfigError
 from scripts.handlers.evaluation import draw_overlay
 
@@ -67,6 +68,6 @@ class SavePredictiond(MapTransform):
                 foreground = probs[1:].sum(0) if probs.shape[0] > 1 else probs[0]
                 Image.fromarray(np.clip(foreground * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(f"{stem}_prob.png")
             if self.overlay:
-                rgb = np.asarray(Image.open(source).convert("RGB"))
+                rgb = read_rgb(source)
                 Image.fromarray(draw_overlay(rgb, mask)).save(f"{stem}_overlay.png")
         return d

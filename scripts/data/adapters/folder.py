@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from scripts.data.datalist import IMAGE_SUFFIXES
+from scripts.data.validation import check_entries
 from scripts.errors import ConfigError
 
 from .common import natural_key, resolve_count, stratified_pick, write_datalist
@@ -14,6 +15,19 @@ from .common import natural_key, resolve_count, stratified_pick, write_datalist
 __all__ = ["folder_datalist", "csv_datalist"]
 
 SECTIONS = ("training", "unlabeled", "validation", "test")
+
+
+def _check_files(source: str, groups: dict[str, list[dict]]) -> None:
+    """Stops before any datalist is written when a listed image or mask cannot be used, naming every such file.
+
+    A lab's own folders are where truncated, empty, mislabelled or mismatched files turn up; the seeded splits
+    depend on the set of files, so they are not silently left out.
+    """
+    problems = [line for name, entries in groups.items() for line in check_entries(entries, name)[1]]
+    if problems:
+        listing = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise ConfigError(f"{source} has {len(problems)} file(s) that cannot be used, so no datalist was written:\n  "
+                          f"{listing}\nFix or remove them and run prepare again.")
 
 
 def _split(labeled: list[dict], unlabeled: list[dict], labeled_ratio, labeled_count, validation_ratio, test_ratio,
@@ -59,6 +73,7 @@ def folder_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_rat
     unlabeled_dir = root / "unlabeled"
     unlabeled = [{"image": str(p)} for p in sorted(unlabeled_dir.iterdir(), key=lambda p: natural_key(p.name))
                  if p.suffix.lower() in IMAGE_SUFFIXES] if unlabeled_dir.is_dir() else []
+    _check_files(f"Folder '{root}'", {"images": labeled, "unlabeled": unlabeled})
     sections = _split(labeled, unlabeled, labeled_ratio, labeled_count, validation_ratio, test_ratio, seed)
     return write_datalist(sections, out, extra={"source": {"dataset": "folder", "root": str(root.resolve()), "seed": seed}})
 
@@ -94,6 +109,7 @@ def csv_datalist(csv_path: str | os.PathLike, out: str | os.PathLike, labeled_ra
             (labeled if "label" in entry else unlabeled).append(entry)
     if problems:
         raise ConfigError(f"CSV '{csv_path}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+    _check_files(f"CSV '{csv_path}'", {"csv": labeled + unlabeled + [e for entries in fixed.values() for e in entries]})
     split = _split(labeled, unlabeled, labeled_ratio, labeled_count, validation_ratio, test_ratio, seed) if labeled else {
         s: (unlabeled if s == "unlabeled" else []) for s in SECTIONS}
     sections = {s: split[s] + fixed[s] for s in SECTIONS}

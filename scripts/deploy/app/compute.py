@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensity
 
-from scripts.data import IMAGENET_MEAN_255, IMAGENET_STD_255, EnsureRGBd
+from scripts.data import IMAGENET_MEAN_255, IMAGENET_STD_255, EnsureRGBd, read_image
 from scripts.deploy.onnx import OnnxSegmenter
 from scripts.errors import ConfigError
 from scripts.inference import InferenceInputs, SavePredictiond, scan_inputs
@@ -83,12 +83,15 @@ class ImageFolderLoader:
         try:
             return self._read({"image": path})["image"]
         except (OSError, RuntimeError, ValueError) as err:
-            reason = err
-            while reason.__cause__ is not None:  # Compose wraps the reader's or transform's own message
-                reason = reason.__cause__
+            _, problem = read_image(path, rgb=True)  # says what is wrong with a file in words, unlike the readers
+            if problem is None:
+                reason = err
+                while reason.__cause__ is not None:  # Compose wraps the reader's or transform's own message
+                    reason = reason.__cause__
+                problem = f"{path}: {reason}"
             self.inputs.items = [item for item in self.inputs.items if item["image"] != path]
-            self.inputs.failures.append(f"{path}: {reason}")
-            logger.error("Cannot read %s (%s); it is skipped and reported at the end.", path, reason)
+            self.inputs.failures.append(problem)
+            logger.error("%s; it is skipped and reported at the end.", problem)
             return None
 
     def report(self) -> None:
