@@ -72,7 +72,8 @@ def test_training_writes_checkpoints_and_reports_dice(trained):
     model = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     tiny_network().load_state_dict(model["model"], strict=True)
     state = torch.load(out / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "prototype_bank", "text_prototypes", "random_state"}
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "prototype_bank", "text_prototypes", "random_state",
+                          "best_metric"}
     assert state["trainer"]["iteration"] == 4 and state["trainer"]["epoch_length"] == 2
     assert not list((out / "models").glob("*.tmp")), "temporary checkpoint files left behind"
     assert list((out / "runs").glob("events.out.tfevents.*")), "no TensorBoard log written"
@@ -177,6 +178,8 @@ def test_inference_masks_match_direct_sliding_window(trained, demo_data, tmp_pat
         (["--roi_size", "[40,40]"], "Config key 'roi_size' is [40, 40]; each side must be a positive multiple of the encoder patch size 16"),
         (["--datalist", "/nonexistent/datalist.json"], "Datalist '/nonexistent/datalist.json' does not exist"),
         (["--dataset_dir", "/nonexistent/folder"], "Dataset folder '/nonexistent/folder' does not exist"),
+        (["--learning_rate", "0"], "Config key 'learning_rate' is 0; it must be a positive number, e.g. 0.01."),
+        (["--labeled_batch_size", "9"], "Config key 'labeled_batch_size' is 9, more than the 4 images in the 'training' section"),
     ],
 )
 def test_bad_config_values_stop_with_one_line(demo_data, tmp_path, args, message):

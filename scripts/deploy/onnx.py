@@ -107,7 +107,14 @@ class OnnxSegmenter(nn.Module):
                 f"ONNX model '{path}' does not exist (config key 'onnx_path'); export one with "
                 "python -m scripts.cli export-onnx."
             )
-        self.session = ort.InferenceSession(str(path), providers=providers or onnx_providers())
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers or onnx_providers())
+        except Exception as err:  # ONNX Runtime raises its own Fail / InvalidProtobuf / InvalidGraph types
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(
+                f"ONNX model '{path}' cannot be loaded by ONNX Runtime: it is truncated, corrupt or not an ONNX file "
+                f"({first[:200]}). Export it again with python -m scripts.cli export-onnx."
+            ) from err
         shape = self.session.get_outputs()[0].shape
         channels = shape[1] if len(shape) == 4 else None
         if isinstance(channels, int) and channels != num_classes:

@@ -1,14 +1,13 @@
-"""Ignite handlers: atomic checkpoints, resume, and the end-of-training summary."""
+"""Ignite handlers: atomic checkpoints, resume, the run lock, and the end-of-training summary."""
 
-from .checkpoint import BestMetricSaver, ResumeFromCheckpoint, TrainingStateSaver, save_atomically
+from .checkpoint import BestMetricSaver, ResumeFromCheckpoint, TrainedWeightsLoader, TrainingStateSaver, save_atomically
 from .evaluation import EvaluationReport, draw_overlay
+from .lock import LOCK_NAME, acquire_run_lock
 from .prototypes import PrototypeBankUpdater, RandomState
 from .report import ProgressLogger, TrainingSummary, require_checkpoint
 
 __all__ = [
-    "EvaluationReport",
-    "draw_overlay",
-    "PrototypeBankUpdater",
-    "RandomState",
-   "BestMetricSaver", "ResumeFromCheckpoint", "TrainingStateSaver", "TrainingSummary", "ProgressLogger",
-           "require_checkpoint", "save_atomically"]
+    "BestMetricSaver", "ResumeFromCheckpoint", "TrainedWeightsLoader", "TrainingStateSaver", "save_atomically",
+    "EvaluationReport", "draw_overlay", "LOCK_NAME", "acquire_run_lock", "PrototypeBankUpdater", "RandomState",
+    "ProgressLogger", "TrainingSummary", "require_checkpoint",
+]

@@ -1,8 +1,9 @@
-"""Checkpoint handlers that write atomically (temporary file, then rename) and resume a run.
+"""Checkpoint handlers that write atomically (temporary file, then rename), resume a run, and load trained weights.
 
 MONAI's ``CheckpointSaver`` writes in place, so a run killed mid-write can leave a truncated ``model.pt``
 behind; these handlers never expose a partial file, and the previous good checkpoint stays until the new
-one is complete.
+one is complete. The best-metric record travels in the training checkpoint, so a resumed run keeps the best
+model of the epochs before the interruption instead of overwriting it with its first validation.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.config import as_bool
+from scripts.errors import ConfigError
+from scripts.networks.checkpoint import load_trained_weights, read_checkpoint
 
-__all__ = ["save_atomically", "BestMetricSaver", "TrainingStateSaver", "ResumeFromCheckpoint"]
+__all__ = ["save_atomically", "BestMetricSaver", "TrainingStateSaver", "ResumeFromCheckpoint", "TrainedWeightsLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,14 @@ def _state_of(obj: Any) -> Any:
 
 def _unwrap(obj: Any) -> Any:
     return obj.module if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else obj
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Deletes temporary files a killed ``save_atomically`` left beside ``path`` (the run lock makes them stale)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        logger.warning("Removing %s, left by a run killed while writing %s.", stale, path.name)
+        stale.unlink(missing_ok=True)
 
 
 def save_atomically(objects: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -52,6 +63,10 @@ def save_atomically(objects: Mapping[str, Any], path: str | os.PathLike) -> None
 class BestMetricSaver:
     """Saves ``save_dict`` whenever the evaluator's key metric improves (attach to the evaluator).
 
+    Its record (best value and epoch) is checkpointable (``state_dict`` / ``load_state_dict``): put it in the
+    training checkpoint so a resumed run compares against the best of the whole run. Loading the record also
+    sets the evaluator's ``best_metric`` / ``best_metric_epoch``, which the end-of-training summary reports.
+
     Args:
         save_dir: output folder.
         save_dict: objects to save, e.g. ``{"model": network}``.
@@ -64,8 +79,12 @@ class BestMetricSaver:
         self.save_dict = save_dict
         self.metric_name = metric_name
         self.best = -float("inf")
+        self.best_epoch = -1
+        self._engine: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
+        self._engine = engine
+        remove_stale_temporaries(self.path)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -74,9 +93,18 @@ class BestMetricSaver:
             raise KeyError(f"BestMetricSaver: metric '{name}' is not among {sorted(engine.state.metrics)}.")
         value = float(engine.state.metrics[name])
         if value > self.best:
-            self.best = value
+            self.best, self.best_epoch = value, int(engine.state.epoch)
             save_atomically(self.save_dict, self.path)
             logger.info("New best %s %.4f: saved %s", name, value, self.path)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        if self._engine is not None and self.best_epoch >= 0:
+            self._engine.state.best_metric = self.best
+            self._engine.state.best_metric_epoch = self.best_epoch
 
 
 class TrainingStateSaver:
@@ -98,6 +126,7 @@ class TrainingStateSaver:
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
+        remove_stale_temporaries(self.path)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
 
@@ -108,18 +137,25 @@ class TrainingStateSaver:
 class ResumeFromCheckpoint:
     """Loads a ``TrainingStateSaver`` file when the trainer starts, if ``enabled`` and the file exists.
 
-    The engine it is attached to is restored from ``"trainer"``, so epoch and iteration carry on.
+    The engine it is attached to is restored from ``"trainer"``, so epoch and iteration carry on. The file is read
+    with ``weights_only=True``. The config's run length wins over the saved one: a longer run carries on to its
+    new end (a ``PolyLR`` schedule follows), a run shorter than the epochs already finished is refused, and so is
+    a different epoch length (another batch size or ``epoch_iterations``), which would misplace every later step.
 
     Args:
         path: the checkpoint file.
         load_dict: objects to restore besides the trainer, with the names they were saved under.
         enabled: whether to resume at all (config key ``resume``). Defaults to True.
+        optional: names in ``load_dict`` that files written by older versions may lack (they keep their fresh
+            state, with a warning). Defaults to ``("best_metric",)``.
     """
 
-    def __init__(self, path: str, load_dict: Mapping[str, Any], enabled: bool = True):
+    def __init__(self, path: str, load_dict: Mapping[str, Any], enabled: bool = True,
+                 optional: tuple[str, ...] = ("best_metric",)):
         self.path = Path(path)
         self.load_dict = dict(load_dict)
         self.enabled = as_bool(enabled, "resume")
+        self.optional = tuple(optional)
 
     def attach(self, engine: Engine) -> None:
         self.load_dict["trainer"] = engine
@@ -128,14 +164,62 @@ class ResumeFromCheckpoint:
     def __call__(self, engine: Engine) -> None:
         if not self.enabled or not self.path.is_file():
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        self.load_dict = {name: obj for name, obj in self.load_dict.items() if obj is not None}
-        missing = sorted(set(self.load_dict) - set(state))
+        remedy = ("Delete it to start afresh, or set 'resume' to false (--resume false) to train from the start and "
+                  "overwrite it.")
+        state = read_checkpoint(self.path, "resume", remedy)
+        objects = {name: obj for name, obj in self.load_dict.items() if obj is not None}
+        missing = sorted(set(objects) - set(state) - set(self.optional))
         if missing:
-            raise KeyError(f"Checkpoint '{self.path}' lacks {missing}; delete it or set 'resume' to false.")
-        max_epochs = engine.state.max_epochs
-        for name, obj in self.load_dict.items():
-            _unwrap(obj).load_state_dict(state[name])
+            raise ConfigError(f"Checkpoint '{self.path}' lacks {missing}, which this config trains. {remedy}")
+        max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
+        saved = state["trainer"]
+        if int(saved.get("epoch_length", epoch_length)) != epoch_length:
+            raise ConfigError(
+                f"Checkpoint '{self.path}' was written with {saved['epoch_length']} iterations an epoch; this config "
+                f"gives {epoch_length} (batch sizes, data or 'epoch_iterations' changed). Resume with the settings "
+                f"of that run, or set 'resume' to false to start afresh."
+            )
+        done = int(saved["iteration"]) // epoch_length
+        if done > max_epochs:
+            raise ConfigError(
+                f"Checkpoint '{self.path}' has finished {done} epochs, more than the {max_epochs} this config trains "
+                f"('num_epochs' / 'num_iterations'). Ask for at least {done} epochs ({done * epoch_length} "
+                "iterations) to carry on, or set 'resume' to false to start afresh."
+            )
+        for name, obj in objects.items():
+            if name in state:
+                _unwrap(obj).load_state_dict(state[name])
+            else:
+                logger.warning("Checkpoint %s has no '%s' record (written by an older version); it starts afresh.",
+                               self.path, name)
         # The saved trainer state carries the old run's length; the config's value wins.
         engine.state.max_epochs = max_epochs
+        if int(saved.get("max_epochs", max_epochs)) != max_epochs:
+            logger.info("The run now trains %d epochs (%d iterations) instead of %s.", max_epochs,
+                        max_epochs * epoch_length, saved["max_epochs"])
         logger.info("Resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
+
+
+class TrainedWeightsLoader:
+    """Loads a trained ``model.pt`` strictly into ``network`` when the engine starts (evaluation and inference).
+
+    Like MONAI's ``CheckpointLoader``, but every failure (a missing, truncated, corrupt or foreign file, weights of
+    another network shape) stops with an error that names the file and what to do.
+
+    Args:
+        path: the checkpoint file.
+        network: the network the config builds.
+        key: the config key that named ``path``, for the error messages. Defaults to ``"ckpt_path"``.
+    """
+
+    def __init__(self, path: str, network: torch.nn.Module, key: str = "ckpt_path"):
+        self.path = path
+        self.network = network
+        self.key = key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        load_trained_weights(_unwrap(self.network), self.path, self.key)
+        logger.info("Loaded trained weights from %s", self.path)

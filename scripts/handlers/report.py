@@ -9,6 +9,7 @@ import time
 from ignite.engine import Engine, Events
 
 from scripts.errors import ConfigError
+from scripts.networks.checkpoint import TRAIN_FIRST
 
 __all__ = ["TrainingSummary", "ProgressLogger", "require_checkpoint"]
 
@@ -86,9 +87,6 @@ class ProgressLogger:
 def require_checkpoint(path: str) -> str:
     """Returns ``path`` if the checkpoint exists, else stops with what to do."""
     if not os.path.isfile(path):
-        raise ConfigError(
-            f"Checkpoint '{path}' does not exist (config key 'ckpt_path'). Train first "
-            "(python -m monai.bundle run training --config_file bundle/configs/train.json) or set 'ckpt_path' "
-            "to a trained model.pt."
-        )
+        raise ConfigError(f"Checkpoint '{path}' does not exist (config key 'ckpt_path'). "
+                          + TRAIN_FIRST.format(key="ckpt_path"))
     return path

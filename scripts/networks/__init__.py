@@ -1,6 +1,6 @@
 """Networks: the UNI-TransUNet segmentation model and its ViT encoder presets."""
 
-from .checkpoint import load_trained_weights
+from .checkpoint import load_trained_weights, read_checkpoint
 from .encoders import ENCODER_PRESETS, build_encoder, encoder_patch_size, load_encoder_weights, read_state_dict
 from .transunet import CascadedDecoder, ProjectionHead, SkipStem, TransUNetOutput, UNITransUNet
 
@@ -11,6 +11,7 @@ __all__ = [
     "load_encoder_weights",
     "read_state_dict",
     "load_trained_weights",
+    "read_checkpoint",
     "UNITransUNet",
     "TransUNetOutput",
     "SkipStem",
