@@ -254,7 +254,7 @@ class SemiSupervisedTrainer(Trainer):
 
     def run(self) -> None:
         # bfloat16 autocast needs no loss scaling; a GradScaler is only made for float16.
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(torch.device(self.state.device).type) if self.amp and self.amp_dtype == torch.float16 else None
         Workflow.run(self)
 
     # ---------------------------------------------------------------------------------------------- epochs
@@ -405,10 +405,17 @@ class SemiSupervisedTrainer(Trainer):
         return total
 
     def _step(self, engine: Engine, loss: torch.Tensor, losses: dict, mask_ratio: torch.Tensor) -> dict[str, float]:
-        """Backward and update, or skip the step when the loss or the gradient is not finite."""
+        """Backward and update, or skip the step when the loss or the gradient is not finite.
+
+        Under float16 the GradScaler steps and updates on every iteration with a finite loss: a gradient that
+        overflows at a loss scale above 1 is an overflow, not divergence; the scaler skips that step and lowers
+        its scale, and only the ``skipped_steps`` count records it. At a scale of 1 or less the gradient itself is
+        not finite, which counts towards ``max_skipped_steps`` like any non-finite loss.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if finite:
+        finite = loss_finite = bool(torch.isfinite(loss))
+        overflow = False
+        if loss_finite:
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
@@ -417,13 +424,21 @@ class SemiSupervisedTrainer(Trainer):
             params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm or math.inf)
             finite = bool(torch.isfinite(norm))
-        if finite:
             if self.scaler is not None:
-                self.scaler.step(self.optimizer)
+                scale = float(self.scaler.get_scale())
+                self.scaler.step(self.optimizer)  # skips the update itself when the gradients hold inf / nan
                 self.scaler.update()
-            else:
+                overflow = not finite and scale > 1.0
+            elif finite:
                 self.optimizer.step()
+        if finite:
             engine.state.consecutive_skips = 0
+        elif overflow:
+            self.optimizer.zero_grad(set_to_none=True)
+            engine.state.prototype_batch = None
+            engine.state.skipped_steps += 1
+            logger.info("Iteration %d: float16 gradient overflow at loss scale %.0f; step skipped, scale lowered to "
+                        "%.0f.", engine.state.iteration, scale, self.scaler.get_scale())
         else:
             self.optimizer.zero_grad(set_to_none=True)
             engine.state.prototype_batch = None

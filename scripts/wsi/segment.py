@@ -86,7 +86,8 @@ class SlideSegmenter:
         tile_size: output tile size in pixels (also the TIFF tile size; a multiple of 16). Defaults to 1024.
         halo: context margin read around each tile, in pixels. Defaults to 64.
         device: where tiles are segmented. Defaults to CPU.
-        amp: bf16 autocast on CUDA. Defaults to False.
+        amp: autocast on CUDA. Defaults to False.
+        amp_dtype: autocast dtype (config key ``amp_dtype``). Defaults to ``"bfloat16"``.
         mask_scale: stored value = class index x ``mask_scale`` (255 makes a binary mask 0/255). Defaults to None (1).
         tissue_detection: skip tiles without tissue. Defaults to True.
         tissue_downsample: thumbnail size relative to the processing grid. Defaults to 16.
@@ -109,8 +110,9 @@ class SlideSegmenter:
     def __init__(self, network: torch.nn.Module, inferer: Inferer, output_dir: str | os.PathLike,
                  num_classes: int, class_names: Sequence[str] = ("background", "gland"), level: int | None = None,
                  mpp: float | None = None, tile_size: int = 1024, halo: int = 64,
-                 device: torch.device | str = "cpu", amp: bool = False, mask_scale: int | None = None,
-                 tissue_detection: bool = True, tissue_downsample: int = 16, tissue_threshold: float | None = None,
+                 device: torch.device | str = "cpu", amp: bool = False, amp_dtype: str = "bfloat16",
+                 mask_scale: int | None = None, tissue_detection: bool = True, tissue_downsample: int = 16,
+                 tissue_threshold: float | None = None,
                  min_tissue_fraction: float = 0.01, geojson: bool = True, simplify: float = 1.0,
                  min_object_area: float = 0.0, backend: str = "auto", overwrite: bool = False, progress: bool = True):
         if tile_size < 16 or tile_size % 16:
@@ -131,7 +133,7 @@ class SlideSegmenter:
         self.num_classes, self.class_names = num_classes, list(class_names)
         self.level, self.mpp = level, mpp
         self.tile_size, self.halo = int(tile_size), int(halo)
-        self.device, self.amp = torch.device(device), as_bool(amp, "amp")
+        self.device, self.amp, self.amp_dtype = torch.device(device), as_bool(amp, "amp"), getattr(torch, amp_dtype)
         self.mask_scale = mask_scale
         tissue_detection, geojson = as_bool(tissue_detection, "tissue_detection"), as_bool(geojson, "wsi_geojson")
         overwrite = as_bool(overwrite, "wsi_overwrite")
@@ -192,7 +194,7 @@ class SlideSegmenter:
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
         image = torch.from_numpy(region).to(self.device).permute(2, 0, 1)[None].float()
         image = (image - self._mean) / self._std
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
             logits = self.inferer(image, self.network)
         return logits[0].float().argmax(dim=0).to(torch.uint8).cpu().numpy()
 
