@@ -78,24 +78,32 @@ def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "Vi
 
 def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", config_file: str = str(REPO_CONFIG),
                 example_size: Sequence[int] = (2, 3, 256, 256), **overrides) -> str:
-    """Builds the network of ``config_file`` (with ``--key value`` overrides, as for training), loads ``ckpt``
-    strictly and exports it to ``out`` with dynamic batch, height and width; fails if ONNX Runtime and PyTorch
-    differ by more than 1e-4.
+    """Builds the network ``ckpt`` records (or, for an older file, that of ``config_file`` with ``--key value``
+    overrides, as for training), loads ``ckpt`` strictly and exports it to ``out`` with dynamic batch, height and
+    width and the model's record (if it has one) in the file's metadata; fails if ONNX Runtime and PyTorch differ by more than 1e-4.
 
     Example: ``python -m scripts.cli export-onnx --ckpt models/model.pt --out models/model.onnx``
     """
     from monai.bundle import ConfigParser
 
     from scripts.deploy import export_onnx as export
-    from scripts.networks import load_trained_weights
+    from scripts.networks import (NETWORK_KEYS, WINDOW_KEYS, load_trained_weights, model_record, stored_record,
+                                  trained_settings)
 
     parser = ConfigParser()
     parser.read_config(config_file)
     for key, value in overrides.items():
         parser[key] = value
+    keys = NETWORK_KEYS + WINDOW_KEYS
+    settings = trained_settings(ckpt, {key: parser.get_parsed_content(key) for key in keys}, key="--ckpt",
+                                argv=[f"--{key}" for key in overrides])
+    for key in keys:
+        parser[key] = settings[key]
     network = parser.get_parsed_content("network_def")
     load_trained_weights(network, ckpt, key="--ckpt")
-    return str(export(network, out, tuple(example_size)))
+    # A file without a record (written before records existed) exports without one: its window is not known.
+    record = model_record(**settings) if stored_record(ckpt, "--ckpt") is not None else None
+    return str(export(network, out, tuple(example_size), record=record))
 
 
 def prepare_glas(root: str, out: str = "datalist.json", labeled_ratio: float = 0.1, labeled_count: int | None = None,

@@ -145,11 +145,14 @@ def test_inference_masks_match_direct_sliding_window(trained, demo_data, tmp_pat
     out, _ = trained
     input_dir = Path(demo_data).parent / "test" / "images"
     mask_dir = tmp_path / "masks"
+    # no network or window overrides: the model rebuilds the tiny network and the 32 x 32 window it records
     result = run_bundle(
-        "inference", INFERENCE, *TINY_NET, "--input_dir", input_dir,
+        "inference", INFERENCE, "--input_dir", input_dir,
         "--ckpt_path", out / "models" / "model.pt", "--output_dir", mask_dir,
     )
-    assert "Segmented 2/2 images" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "Segmented 2/2 images" in log
+    assert "Network and window from" in log and "encoder_name='vit_tiny'" in log and "roi_size=[32, 32]" in log
 
     net = tiny_network().eval()
     net.load_state_dict(torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)["model"])
@@ -169,6 +172,24 @@ def test_inference_masks_match_direct_sliding_window(trained, demo_data, tmp_pat
         decisive = np.abs(probs[1] - probs[0]) > 1e-3
         assert decisive.mean() > 0.5
         assert (mask == expected)[decisive].all()
+
+
+def test_model_records_its_network_and_refuses_contradicting_overrides(trained, demo_data, tmp_path):
+    out, _ = trained
+    record = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)["config"]
+    assert record == {"num_classes": 2, "encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "n_skip": 3,
+                      "skip_channels": [16, 8, 8], "decoder_channels": [16, 16, 8, 8], "embed_dim": record["embed_dim"],
+                      "hybrid": False, "roi_size": [32, 32], "image_scale": 1.0}
+    result = run_bundle(
+        "inference", INFERENCE, "--input_dir", Path(demo_data).parent / "test" / "images", "--encoder_name", "vit_small",
+        "--roi_size", "[64,64]", "--ckpt_path", out / "models" / "model.pt", "--output_dir", tmp_path / "masks",
+        check=False,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (f"ERROR: Model '{out / 'models' / 'model.pt'}' was trained with encoder_name='vit_tiny', roi_size=[32, 32], "
+            "but this run asks for encoder_name='vit_small', roi_size=[64, 64]. The model rebuilds its own network and "
+            "window: drop --encoder_name, --roi_size") in result.stderr
+    assert not (tmp_path / "masks").exists()
 
 
 @pytest.mark.parametrize(

@@ -100,3 +100,18 @@ def test_monai_bundle_onnx_export_with_dynamo(exported, tmp_path):
             expected = network(x)
         assert segmenter(x).shape == expected.shape
         assert float((segmenter(x) - expected).abs().max()) <= 1e-4
+
+
+def test_export_rebuilds_the_recorded_network_and_stores_the_record(tmp_path):
+    from scripts.networks import model_record, stored_record
+
+    network = tiny_network()
+    record = model_record(num_classes=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1}, n_skip=3,
+                          skip_channels=[16, 8, 8], decoder_channels=[16, 16, 8, 8], embed_dim=512, hybrid=False,
+                          roi_size=[64, 64], image_scale=0.5)
+    torch.save({"model": network.state_dict(), "config": record}, tmp_path / "model.pt")
+    # no network overrides: without the record the config's default network would not fit these weights
+    result = run(["-m", "scripts.cli", "export-onnx", "--ckpt", tmp_path / "model.pt", "--out", tmp_path / "model.onnx",
+                  "--example_size", "[2,3,64,64]"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stored_record(tmp_path / "model.onnx") == record

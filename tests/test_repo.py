@@ -22,16 +22,24 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_inference_network_matches_training_network():
+    """Inference and evaluation build the network and window a model records, from the keys training records."""
+    from scripts.networks import NETWORK_KEYS, WINDOW_KEYS
+
     train = json.loads((CONFIGS / "train.json").read_text())
     infer = json.loads((CONFIGS / "inference.json").read_text())
+    evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
     training_only = {"encoder_weights", "freeze_encoder", "freeze_blocks", "grad_checkpointing"}
-    for key, value in train["network_def"].items():
-        if key not in training_only:
-            assert infer["network_def"][key] == value, key
-            name = value[1:] if isinstance(value, str) and value.startswith("@") else None
-            if name:
-                assert infer[name] == train[name], f"inference.json '{name}' differs from train.json"
-    assert infer["roi_size"] == train["roi_size"]
+    recorded = NETWORK_KEYS + WINDOW_KEYS
+    for key in recorded:
+        assert f"{key}=@{key}" in train["model_record"], f"train.json does not record '{key}' in model.pt"
+        assert infer[key] == train[key], f"inference.json '{key}' differs from train.json (files without a record)"
+    for config in (infer, evaluate):
+        assert set(config["network_def"]) == set(train["network_def"]) - training_only
+        for key in recorded:
+            assert f"'{key}': @{key}" in config["model_settings"], key
+        for key, value in config["network_def"].items():
+            if key != "_target_":
+                assert value == f"$@model_settings['{'num_classes' if key == 'out_channels' else key}']", key
 
 
 def test_metadata_pins_match_requirements():

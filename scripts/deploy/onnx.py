@@ -7,10 +7,11 @@ the batch size to 1. Every export is checked against PyTorch before it is writte
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -54,7 +55,8 @@ def check_onnx_parity(network: nn.Module, onnx_path: str | os.PathLike, sizes: S
 
 
 def export_onnx(network: nn.Module, out: str | os.PathLike, example_size: Sequence[int] = (2, 3, 256, 256),
-                check_sizes: Sequence[Sequence[int]] | None = None, opset: int = 18) -> Path:
+                check_sizes: Sequence[Sequence[int]] | None = None, opset: int = 18,
+                record: Mapping[str, Any] | None = None) -> Path:
     """Exports ``network`` (eval mode, one logits output) with dynamic batch, height and width, then checks parity.
 
     Args:
@@ -64,6 +66,8 @@ def export_onnx(network: nn.Module, out: str | os.PathLike, example_size: Sequen
         check_sizes: input shapes compared against PyTorch after export. Defaults to the example and a
             non-square size with another batch.
         opset: ONNX opset. Defaults to 18.
+        record: the model's network and window record (``scripts.networks.model_record``), stored as JSON in the
+            file's metadata so inference rebuilds the window from it. Defaults to None (no record).
     """
     batch, _, height, width = example_size
     if batch < 2:
@@ -79,6 +83,15 @@ def export_onnx(network: nn.Module, out: str | os.PathLike, example_size: Sequen
     torch.onnx.export(network, (torch.randn(*example_size),), str(tmp), dynamo=True, opset_version=opset,
                       input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes={"x": dims},
                       external_data=False)
+    if record is not None:
+        import onnx
+
+        from scripts.networks.record import ONNX_RECORD_KEY
+
+        model = onnx.load(str(tmp))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = ONNX_RECORD_KEY, json.dumps(dict(record))
+        onnx.save(model, str(tmp))
     try:
         worst = check_onnx_parity(network, tmp, check_sizes)
     except BaseException:
