@@ -40,7 +40,7 @@ class AddValidMaskd(MapTransform):
 class RandStrongAugmentd(RandomizableTransform, MapTransform):
     """The strong view: colour jitter, random greyscale and Gaussian blur of an RGB image on the 0..255 scale.
 
-    Each key gets independent draws. Defaults follow method.md section 3.
+    Each key gets independent draws. Defaults follow docs/method.md, "Data streams and views".
 
     Args:
         keys: image keys to augment.

@@ -1,4 +1,4 @@
-"""Supervised and weak-to-strong consistency losses (method.md section 2, UniMatch's normalisation)."""
+"""Supervised and weak-to-strong consistency losses (docs/method.md, "The losses"; UniMatch's normalisation)."""
 
 from __future__ import annotations
 

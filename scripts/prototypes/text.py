@@ -160,7 +160,7 @@ def build_text_tower(arch: str, weights: str | os.PathLike | None = None, text_c
 
 
 class PromptTextPrototypes(TextPrototypes):
-    """CoOp prompts through a frozen text tower (method.md section 2, text-prototype contrast).
+    """CoOp prompts through a frozen text tower (docs/method.md, "Text prototypes").
 
     Args:
         class_descriptions: one description per class, e.g. ``["background stroma", "colon gland"]``.
