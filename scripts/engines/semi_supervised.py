@@ -15,7 +15,8 @@ An epoch is ``epoch_length`` iterations (by default one pass over the unlabeled 
 of steps). The trainer draws every batch itself from three cycling streams (unlabeled, labeled, CutMix source),
 so an epoch need not be a whole pass. At the start of every epoch all random state (torch, numpy, python, the
 transforms, the samplers) is re-seeded from ``(seed, epoch)``, so a run resumed from an end-of-epoch checkpoint
-repeats exactly what an uninterrupted run would have done.
+repeats exactly what an uninterrupted run would have done. Under torchrun the augmentations also depend on the
+process rank, the samplers do not (docs/scale.md).
 
 The contrastive terms (pixel-to-prototype logits and the text tower) always run in float32, also inside a
 bfloat16 / float16 autocast step: at temperature 0.07 a bfloat16 logit is off by several hundredths.
@@ -36,6 +37,8 @@ from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 
 from scripts.config import as_bool
+from scripts.engines.distributed import (all_processes_agree, all_reduce_sum_, average_gradients_, broadcast_state_,
+                                         process_rank, unwrap_network)
 from scripts.engines.presets import resolve_method
 from scripts.errors import ConfigError
 from scripts.losses import cutmix_targets, masked_cross_entropy, prototype_infonce, sample_pixels_per_class, supervised_loss
@@ -51,9 +54,13 @@ class TrainingDivergedError(ConfigError):
     """Too many consecutive iterations had a non-finite loss or gradient."""
 
 
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A 32-bit seed derived from the run seed, the epoch and a stream id (independent streams, no overlap)."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, stream: int = 0, rank: int = 0) -> int:
+    """A 32-bit seed derived from the run seed, the epoch, a stream id and the process rank (independent streams).
+
+    Rank 0 draws the seeds of a single process, so one process of a multi-process run repeats a one-process run's
+    augmentations; the other ranks get their own.
+    """
+    return int(np.random.SeedSequence([seed, epoch, stream, *([rank] if rank else [])]).generate_state(1)[0])
 
 
 def training_schedule(num_epochs: int, num_iterations: int | None, epoch_iterations: int | None,
@@ -146,7 +153,7 @@ class SemiSupervisedTrainer(Trainer):
         unlabeled_loader: yields ``image`` (weak view), ``image_s1``, ``image_s2``, ``valid``, ``box1``, ``box2``;
             cycled, re-seeded on each pass. For ``supervised`` it only sets the default epoch length.
         labeled_loader: yields ``image``, ``label``, ``valid``; cycled, re-seeded on each pass.
-        network: a ``UNITransUNet``.
+        network: a ``UNITransUNet``, or one wrapped in ``DistributedDataParallel`` (``distributed_network``).
         optimizer: optimizer over the network and the text-prototype parameters.
         mix_loader: second unlabeled stream, the CutMix source; defaults to ``unlabeled_loader`` iterated separately.
         method: method preset name. Defaults to ``"mpamatch"``.
@@ -246,8 +253,14 @@ class SemiSupervisedTrainer(Trainer):
         self.state.prototype_batch = None
         self._streams: dict[str, Any] = {}
         self._passes: dict[str, int] = {}
-        # Registered before the user's handlers, so that every handler sees an epoch with its seeds already set.
+        # Parameters that DDP does not reach (the text prompts): their gradients are averaged by the trainer.
+        network_params = {id(p) for p in network.parameters()}
+        self._outside_params = [p for group in optimizer.param_groups for p in group["params"]
+                                if id(p) not in network_params]
+        # Registered before the user's handlers, so that every handler sees an epoch with its seeds already set,
+        # and validation and checkpoints see the same BatchNorm statistics on every process.
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._end_epoch)
         if handlers is not None:
             self._register_handlers(handlers)
         logger.info("Method '%s': %s", method, self.method)
@@ -255,6 +268,9 @@ class SemiSupervisedTrainer(Trainer):
     def run(self) -> None:
         # bfloat16 autocast needs no loss scaling; a GradScaler is only made for float16.
         self.scaler = torch.amp.GradScaler(torch.device(self.state.device).type) if self.amp and self.amp_dtype == torch.float16 else None
+        # Under torchrun every process starts from rank 0's state (DDP does the same for the network).
+        broadcast_state_(self.text_prototypes)
+        broadcast_state_(self.prototype_bank)
         Workflow.run(self)
 
     # ---------------------------------------------------------------------------------------------- epochs
@@ -262,17 +278,22 @@ class SemiSupervisedTrainer(Trainer):
         return {"unlabeled": self.unlabeled_loader, "labeled": self.labeled_loader, "mix": self.mix_loader}
 
     def _start_epoch(self, engine: Engine) -> None:
-        epoch = engine.state.epoch
-        seed = epoch_seed(self.seed, epoch)
+        epoch, rank = engine.state.epoch, process_rank()
+        seed = epoch_seed(self.seed, epoch, rank=rank)
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
         for stream, (name, loader) in enumerate(self._loaders().items()):
             transform = getattr(getattr(loader, "dataset", None), "transform", None)
             if hasattr(transform, "set_random_state"):
-                transform.set_random_state(seed=epoch_seed(self.seed, epoch, stream + 1))
+                transform.set_random_state(seed=epoch_seed(self.seed, epoch, stream + 1, rank=rank))
             self._passes[name] = 0
             self._streams.pop(name, None)
+
+    def _end_epoch(self, engine: Engine) -> None:
+        # Without SyncBatchNorm (CPU) each process's running statistics drift from rank 0's after DDP's last
+        # broadcast; rank 0's are the ones checkpointed.
+        broadcast_state_(unwrap_network(self.network), buffers_only=True)
 
     def _next(self, name: str) -> dict:
         """The next batch of a cycling stream; a finished pass starts a new one with a new sampler seed."""
@@ -302,7 +323,7 @@ class SemiSupervisedTrainer(Trainer):
 
     def _iteration(self, engine: Engine, batchdata: dict) -> dict[str, float]:
         method, tau, device = self.method, self.threshold, engine.state.device
-        num_classes = self.network.out_channels
+        num_classes = unwrap_network(self.network).out_channels
         lab = _to_device(self._next("labeled"), device, self.non_blocking)
         x, y = lab["image"], lab["label"][:, 0].long()
         valid_x = lab.get("valid", torch.ones_like(lab["label"]))[:, 0] > 0
@@ -393,10 +414,13 @@ class SemiSupervisedTrainer(Trainer):
             # The batch prototypes are means over every valid labeled pixel (the first map), and optionally every
             # confident strong-view pixel, not over the per-class sample drawn for InfoNCE.
             pooled = embeddings if self.prototype_from_pseudo else embeddings[:1]
+            # Under torchrun the sums and counts of every process's batch are added up first, so the bank stays the
+            # same on every process.
             self.state.prototype_batch = self.prototype_bank.batch_prototypes(
                 torch.cat([e.detach().permute(0, 2, 3, 1).reshape(-1, e.shape[1]) for e in pooled]),
                 torch.cat([t.reshape(-1) for t in targets[: len(pooled)]]),
                 torch.cat([k.reshape(-1) for k in keeps[: len(pooled)]]),
+                reduce=all_reduce_sum_,
             )
         if self.method.lambda_txt > 0:
             text = self.text_prototypes().float()
@@ -411,16 +435,21 @@ class SemiSupervisedTrainer(Trainer):
         overflows at a loss scale above 1 is an overflow, not divergence; the scaler skips that step and lowers
         its scale, and only the ``skipped_steps`` count records it. At a scale of 1 or less the gradient itself is
         not finite, which counts towards ``max_skipped_steps`` like any non-finite loss.
+
+        Under torchrun a step is skipped on every process when the loss is not finite on one (DDP's backward is a
+        collective); the averaged gradients are then the same everywhere, and so is every later decision.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        finite = loss_finite = bool(torch.isfinite(loss))
+        finite = loss_finite = all_processes_agree(bool(torch.isfinite(loss)), loss.device)
         overflow = False
         if loss_finite:
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
+            average_gradients_(self._outside_params)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm or math.inf)
             finite = bool(torch.isfinite(norm))
@@ -445,12 +474,13 @@ class SemiSupervisedTrainer(Trainer):
             engine.state.skipped_steps += 1
             engine.state.consecutive_skips += 1
             bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
+            where = bad or ("on another process" if not loss_finite else "gradient")
             logger.warning("Iteration %d: non-finite loss or gradient %s; step skipped (%d skipped in all).",
-                           engine.state.iteration, bad or "(gradient)", engine.state.skipped_steps)
+                           engine.state.iteration, bad or f"({where})", engine.state.skipped_steps)
             if engine.state.consecutive_skips >= self.max_skipped_steps:
                 raise TrainingDivergedError(
                     f"{engine.state.consecutive_skips} consecutive iterations had a non-finite loss or gradient "
-                    f"(last: {bad or 'gradient'}); training stopped and the last checkpoint was left as it was. "
+                    f"(last: {where}); training stopped and the last checkpoint was left as it was. "
                     "Lower 'learning_rate', enable 'grad_clip_norm', or check the data; 'max_skipped_steps' sets "
                     "how many skips are tolerated."
                 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,19 +45,24 @@ class PrototypeBank(nn.Module):
         return bool(self.initialized.all())
 
     @torch.no_grad()
-    def batch_prototypes(self, embeddings: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_prototypes(self, embeddings: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+                         reduce: Callable[..., None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised per-class mean of the kept embeddings (C x D) and which classes were present (C bool).
 
         Args:
             embeddings: N x D pixel embeddings.
             target: N class indices.
             keep: N bool, the pixels that count.
+            reduce: called as ``reduce(sums, counts)`` on the per-class sums (C x D) and pixel counts (C) before
+                the division, to add in place those of the other processes (``scripts.engines.all_reduce_sum_``),
+                so that every process gets the means of the global batch. Defaults to None (this batch alone).
         """
         embeddings, target = embeddings[keep].float(), target[keep]
         onehot = F.one_hot(target, self.num_classes).float()  # N x C
         counts = onehot.sum(0)
         sums = onehot.t() @ embeddings  # C x D
+        if reduce is not None:
+            reduce(sums, counts)
         means = F.normalize(sums / counts.clamp_min(1)[:, None], dim=1)
         return means, counts > 0
 
