@@ -249,3 +249,16 @@ def test_float16_overflow_steps_the_scaler_and_is_not_divergence(demo_data, tmp_
     assert trainer.state.iteration == 4
     assert trainer.state.skipped_steps == 1 and trainer.state.consecutive_skips == 0  # not counted as divergence
     assert trainer.scaler.get_scale() < 2.0 ** 16  # lowered from its initial scale
+
+
+def test_the_trainer_feeds_the_prototype_bank_without_any_handler(demo_data, tmp_path):
+    """A config with no handlers at all still trains the image-prototype term (the bank is the trainer's duty)."""
+    parser = parser_for(demo_data, tmp_path, method="mpamatch_img", num_epochs=1, contrast_warmup=0.0)
+    parser["train#handlers"] = []
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.state.epoch_length = 2
+    bank = parser.get_parsed_content("prototype_bank")
+    trainer.run()
+    assert bank.updates.tolist() == [2, 2]  # one update per class per counted step
+    assert bank.ready and trainer.state.prototype_batch is None
+    assert trainer.state.output["loss_img"] > 0

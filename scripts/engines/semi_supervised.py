@@ -462,6 +462,11 @@ class SemiSupervisedTrainer(Trainer):
                 self.optimizer.step()
         if finite:
             engine.state.consecutive_skips = 0
+            # The step counted, so its batch prototypes join the image-prototype bank (EMA); the trainer does this
+            # itself so that no config can leave the bank unfed and the image loss at zero.
+            if engine.state.prototype_batch is not None:
+                self.prototype_bank.update(*engine.state.prototype_batch)
+                engine.state.prototype_batch = None
         elif overflow:
             self.optimizer.zero_grad(set_to_none=True)
             engine.state.prototype_batch = None

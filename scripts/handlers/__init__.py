@@ -3,11 +3,11 @@
 from .checkpoint import BestMetricSaver, ResumeFromCheckpoint, TrainedWeightsLoader, TrainingStateSaver, save_atomically
 from .evaluation import EvaluationReport, draw_overlay
 from .lock import LOCK_NAME, acquire_run_lock
-from .prototypes import PrototypeBankUpdater, RandomState
+from .prototypes import PrototypeBankLogger, RandomState
 from .report import ProgressLogger, TrainingSummary, require_checkpoint
 
 __all__ = [
     "BestMetricSaver", "ResumeFromCheckpoint", "TrainedWeightsLoader", "TrainingStateSaver", "save_atomically",
-    "EvaluationReport", "draw_overlay", "LOCK_NAME", "acquire_run_lock", "PrototypeBankUpdater", "RandomState",
+    "EvaluationReport", "draw_overlay", "LOCK_NAME", "acquire_run_lock", "PrototypeBankLogger", "RandomState",
     "ProgressLogger", "TrainingSummary", "require_checkpoint",
 ]

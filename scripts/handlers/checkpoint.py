@@ -176,7 +176,7 @@ class ResumeFromCheckpoint:
         if int(saved.get("epoch_length", epoch_length)) != epoch_length:
             raise ConfigError(
                 f"Checkpoint '{self.path}' was written with {saved['epoch_length']} iterations an epoch; this config "
-                f"gives {epoch_length} (batch sizes, data or 'epoch_iterations' changed). Resume with the settings "
+                f"gives {epoch_length} (batch sizes, data, the number of processes or 'epoch_iterations' changed). Resume with the settings "
                 f"of that run, or set 'resume' to false to start afresh."
             )
         done = int(saved["iteration"]) // epoch_length

@@ -1,4 +1,4 @@
-"""Handlers of the contrastive branch: the image-prototype bank update and the random-state snapshot."""
+"""Handlers of the contrastive branch: the image-prototype bank's log line and the random-state snapshot."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from ignite.engine import Engine, Events
 
 from scripts.prototypes import PrototypeBank
 
-__all__ = ["PrototypeBankUpdater", "RandomState"]
+__all__ = ["PrototypeBankLogger", "RandomState"]
 
 logger = logging.getLogger(__name__)
 
 
-class PrototypeBankUpdater:
-    """After each iteration, folds the batch prototypes the trainer computed into the EMA bank and logs its state.
+class PrototypeBankLogger:
+    """Logs the image-prototype bank's statistics every ``log_interval`` iterations (the trainer updates the bank).
 
     Args:
-        bank: the ``PrototypeBank`` the trainer reads.
+        bank: the ``PrototypeBank`` the trainer reads and updates.
         log_interval: iterations between log lines of prototype statistics. Defaults to 50.
     """
 
@@ -32,10 +32,6 @@ class PrototypeBankUpdater:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        batch = getattr(engine.state, "prototype_batch", None)
-        if batch is not None:
-            self.bank.update(*batch)
-            engine.state.prototype_batch = None
         if self.log_interval and engine.state.iteration % self.log_interval == 0:
             stats = self.bank.statistics()
             engine.state.prototype_stats = stats
