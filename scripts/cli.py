@@ -99,6 +99,7 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
                                 argv=[f"--{key}" for key in overrides])
     for key in keys:
         parser[key] = settings[key]
+    parser["model_settings"] = settings  # inference.json builds network_def from it; it must describe --ckpt
     network = parser.get_parsed_content("network_def")
     load_trained_weights(network, ckpt, key="--ckpt")
     # A file without a record (written before records existed) exports without one: its window is not known.

@@ -45,7 +45,7 @@ def _number(value, key: str, example: str, integer: bool = False, allow_zero: bo
 
 def check_training_config(*, method_config, learning_rate, encoder_lr_scale, num_epochs, num_iterations,
                           labeled_batch_size, unlabeled_batch_size, num_classes, class_descriptions, text_source,
-                          datalists: dict, datalist: str = "datalist") -> None:
+                          datalists: dict, datalist: str = "datalist", processes: int = 1) -> None:
     """Refuses a training config that cannot work, before any image is read or any step is taken.
 
     Each problem stops with one message naming the key, its value and a valid example. The checks that need a
@@ -58,6 +58,8 @@ def check_training_config(*, method_config, learning_rate, encoder_lr_scale, num
             num_classes, class_descriptions, text_source: the config keys of the same names.
         datalists: the checked datalist sections.
         datalist: the datalist's path, for the messages. Defaults to ``"datalist"``.
+        processes: training processes (torchrun), each of which draws its batches from its share of a section.
+            Defaults to 1.
     """
     _number(learning_rate, "learning_rate", "0.01")
     _number(encoder_lr_scale, "encoder_lr_scale", "0.1 (pretrained encoder) or 1.0 (random weights)", allow_zero=True)
@@ -75,10 +77,12 @@ def check_training_config(*, method_config, learning_rate, encoder_lr_scale, num
     for key, value, section in sections:
         size = int(_number(value, key, "4", integer=True))
         count = len(datalists.get(section) or [])
-        if size > count:
+        share = count // max(1, int(processes))
+        if size > share:
+            where = f"the {count} images" if processes <= 1 else f"the {share} images each of {processes} processes gets of the {count}"
             raise ConfigError(
-                f"Config key '{key}' is {size}, more than the {count} images in the '{section}' section of "
-                f"'{datalist}'; use at most {count}, e.g. --{key} {max(1, min(count, 4))}, or add images."
+                f"Config key '{key}' is {size}, more than {where} in the '{section}' section of "
+                f"'{datalist}'; use at most {share}, e.g. --{key} {max(1, min(share, 4))}, or add images."
             )
     if method_config.lambda_txt > 0 and text_source == "prompt" and len(class_descriptions or []) != int(num_classes):
         raise ConfigError(

@@ -110,8 +110,12 @@ def test_export_rebuilds_the_recorded_network_and_stores_the_record(tmp_path):
                           skip_channels=[16, 8, 8], decoder_channels=[16, 16, 8, 8], embed_dim=512, hybrid=False,
                           roi_size=[64, 64], image_scale=0.5)
     torch.save({"model": network.state_dict(), "config": record}, tmp_path / "model.pt")
+    # another recorded model where the config's own ckpt_path points: export must follow --ckpt, not it
+    other = tmp_path / "other" / "models"
+    other.mkdir(parents=True)
+    torch.save({"model": {}, "config": {**record, "skip_channels": [32, 8, 8], "roi_size": [96, 96]}}, other / "model.pt")
     # no network overrides: without the record the config's default network would not fit these weights
     result = run(["-m", "scripts.cli", "export-onnx", "--ckpt", tmp_path / "model.pt", "--out", tmp_path / "model.onnx",
-                  "--example_size", "[2,3,64,64]"])
+                  "--example_size", "[2,3,64,64]", "--bundle_root", tmp_path / "other"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert stored_record(tmp_path / "model.onnx") == record

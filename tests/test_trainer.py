@@ -262,3 +262,27 @@ def test_the_trainer_feeds_the_prototype_bank_without_any_handler(demo_data, tmp
     assert bank.updates.tolist() == [2, 2]  # one update per class per counted step
     assert bank.ready and trainer.state.prototype_batch is None
     assert trainer.state.output["loss_img"] > 0
+
+
+def test_float16_scale_and_skip_counters_travel_in_the_trainer_state(demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method="supervised", num_epochs=1, amp=True, amp_dtype="float16")
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.scaler.scale(torch.ones(()))  # the scale exists once something was scaled
+    trainer.scaler.update(1024.0)
+    trainer.state.skipped_steps, trainer.state.consecutive_skips = 3, 1
+    saved = torch.load(_saved(trainer.state_dict(), tmp_path), weights_only=True)
+
+    fresh = parser_for(demo_data, tmp_path / "again", method="supervised", num_epochs=1, amp=True,
+                       amp_dtype="float16").get_parsed_content("train#trainer")
+    assert fresh.scaler.get_scale() == 2.0 ** 16
+    fresh.load_state_dict(saved)
+    assert fresh.scaler.get_scale() == 1024.0
+    assert (fresh.state.skipped_steps, fresh.state.consecutive_skips) == (3, 1)
+    fresh.load_state_dict({k: v for k, v in saved.items() if k not in ("grad_scaler", "skipped_steps")})  # older file
+    assert fresh.state.skipped_steps == 0
+
+
+def _saved(state, folder):
+    path = folder / "trainer_state.pt"
+    torch.save(state, path)
+    return path

@@ -126,11 +126,15 @@ def main_process_handlers(handlers: Sequence) -> list:
     """All ``handlers`` on rank 0; on the other ranks only those that keep the training state in step.
 
     Left out on ranks above 0: the handlers that log, write files or report (MONAI's ``StatsHandler`` and
-    ``TensorBoardStatsHandler``, the checkpoint savers, the closing summary), so one process writes each file.
+    ``TensorBoardStatsHandler``, the checkpoint savers, the closing summary, the prototype-bank log line), so one
+    process writes each file and each log line.
     """
     if process_rank() == 0:
         return list(handlers)
-    reporting = (StatsHandler, TensorBoardStatsHandler, BestMetricSaver, TrainingStateSaver, TrainingSummary)
+    from scripts.handlers import PrototypeBankLogger
+
+    reporting = (StatsHandler, TensorBoardStatsHandler, BestMetricSaver, TrainingStateSaver, TrainingSummary,
+                 PrototypeBankLogger)
     return [handler for handler in handlers if not isinstance(handler, reporting)]
 
 

@@ -251,6 +251,11 @@ class SemiSupervisedTrainer(Trainer):
         self.state.skipped_steps = 0
         self.state.consecutive_skips = 0
         self.state.prototype_batch = None
+        # bfloat16 autocast needs no loss scaling; a GradScaler is only made for float16. Its scale and the skip
+        # counters travel in the checkpoint with the trainer's counters (``state_dict``), so a resumed run goes on
+        # with the same scale instead of overflowing again from the initial one.
+        device_type = torch.device(self.state.device).type
+        self.scaler = torch.amp.GradScaler(device_type) if self.amp and self.amp_dtype == torch.float16 else None
         self._streams: dict[str, Any] = {}
         self._passes: dict[str, int] = {}
         # Parameters that DDP does not reach (the text prompts): their gradients are averaged by the trainer.
@@ -265,9 +270,23 @@ class SemiSupervisedTrainer(Trainer):
             self._register_handlers(handlers)
         logger.info("Method '%s': %s", method, self.method)
 
+    def state_dict(self) -> dict:
+        state = dict(super().state_dict())
+        state["skipped_steps"], state["consecutive_skips"] = self.state.skipped_steps, self.state.consecutive_skips
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        extras = {key: state.pop(key) for key in ("skipped_steps", "consecutive_skips", "grad_scaler") if key in state}
+        super().load_state_dict(state)
+        self.state.skipped_steps = int(extras.get("skipped_steps", 0))
+        self.state.consecutive_skips = int(extras.get("consecutive_skips", 0))
+        if self.scaler is not None and "grad_scaler" in extras:
+            self.scaler.load_state_dict(extras["grad_scaler"])
+
     def run(self) -> None:
-        # bfloat16 autocast needs no loss scaling; a GradScaler is only made for float16.
-        self.scaler = torch.amp.GradScaler(torch.device(self.state.device).type) if self.amp and self.amp_dtype == torch.float16 else None
         # Under torchrun every process starts from rank 0's state (DDP does the same for the network).
         broadcast_state_(self.text_prototypes)
         broadcast_state_(self.prototype_bank)

@@ -1,15 +1,18 @@
 """One training per output folder: a lock file that names the process holding it.
 
 Two trainings writing the same ``checkpoint.pt`` and ``model.pt`` would overwrite each other's files and resume
-from each other's epochs. ``acquire_run_lock`` creates ``training.lock`` in the checkpoint folder with the
-holder's process id, host, start time and command; a second run on the same folder stops at once with a message
-naming the lock and that process. A lock left behind by a killed run (its process is gone, or the process id now
-belongs to another program) is taken over with a warning. The lock is removed when the process exits.
+from each other's epochs. ``acquire_run_lock`` takes an exclusive ``flock`` on ``training.lock`` in the checkpoint
+folder for the life of the process and writes the holder's process id, host, start time and command into it. A
+second run on the same folder finds the file locked and stops at once with a message naming the holder. The
+kernel releases the lock when the holder exits or is killed, so a lock file left by a killed run is simply taken
+over (with a warning naming the old holder); no process id is trusted, so a reused id or another container with
+the same host name cannot mislead it. The file is removed when the run ends.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import logging
 import os
@@ -26,46 +29,31 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = "training.lock"
 
+# Locks this process holds: path -> open file (closing it would release the lock).
+_HELD: dict[str, object] = {}
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of process ``pid`` (Linux), telling a live holder from a reused process id."""
+
+def _read(handle) -> dict:
+    handle.seek(0)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[19]
+        return json.loads(handle.read() or "{}")
+    except ValueError:
+        return {}
 
 
-def _alive(pid: int) -> bool:
+def _release(path: str) -> None:
+    handle = _HELD.pop(path, None)
+    if handle is None:
+        return
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _holder_alive(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return True  # another machine's process cannot be checked from here
-    pid = int(holder.get("pid", -1))
-    if pid <= 0 or not _alive(pid):
-        return False
-    started = holder.get("process_start")
-    return started is None or _process_start(pid) in (None, started)
-
-
-def _release(path: Path, owner: str) -> None:
-    try:
-        if json.loads(path.read_text()).get("token") == owner:
-            path.unlink()
-    except (OSError, ValueError):
-        pass
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            os.unlink(path)
+    finally:
+        handle.close()
 
 
 def acquire_run_lock(folder: str | os.PathLike) -> Path:
-    """Takes the training lock of ``folder`` for this process, or stops if a live run holds it.
+    """Takes the training lock of ``folder`` for this process, or stops if another live run holds it.
 
     Args:
         folder: the run's checkpoint folder (config key ``ckpt_dir``); created if missing.
@@ -74,46 +62,42 @@ def acquire_run_lock(folder: str | os.PathLike) -> Path:
         The lock file's path.
 
     Raises:
-        ConfigError: another live process holds the lock (the message names it, and what to do).
+        ConfigError: another process holds the lock (the message names it, and what to do).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
-    mine = {
-        "pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500], "token": token,
-    }
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder and holder.get("token") == token:
-                return path
-            if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
-                path.unlink(missing_ok=True)  # an earlier run in this same process (e.g. a server that retrains)
-                continue
-            if holder and _holder_alive(holder):
-                raise ConfigError(
-                    f"Another training is writing to '{folder}': lock '{path}' is held by process {holder.get('pid')} "
-                    f"on {holder.get('host')}, started {holder.get('started')} ({holder.get('command', '')[:200]}). "
-                    "Wait for it to finish or stop it, or give this run another 'ckpt_dir' / 'bundle_root'. If that "
-                    "process is gone (e.g. another machine that was switched off), delete the lock file."
-                )
-            logger.warning("Taking over the lock %s left by process %s (no longer running).", path,
-                           holder.get("pid", "unknown"))
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as handle:
-            json.dump(mine, handle)
-        atexit.register(_release, path, token)
+    key = str(path.resolve())
+    if key in _HELD:  # an earlier run in this same process (e.g. a server that retrains)
         return path
-    raise ConfigError(f"Could not take the training lock '{path}'; another run keeps taking it. Give this run "
+    for _ in range(5):
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read(handle)
+            handle.close()
+            raise ConfigError(
+                f"Another training is writing to '{folder}': lock '{path}' is held by process {holder.get('pid', '?')} "
+                f"on {holder.get('host', '?')}, started {holder.get('started', '?')} "
+                f"({str(holder.get('command', ''))[:200]}). Wait for it to finish or stop it, or give this run another "
+                "'ckpt_dir' / 'bundle_root'."
+            ) from None
+        # The file may have been removed and re-created by a run that ended meanwhile: lock the current one.
+        if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+            handle.close()
+            continue
+        previous = _read(handle)
+        if previous:
+            logger.warning("Taking over the lock %s left by process %s on %s (no longer running).", path,
+                           previous.get("pid", "unknown"), previous.get("host", "unknown"))
+        handle.seek(0)
+        handle.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "command": " ".join(sys.argv)[:500]}, handle)
+        handle.flush()
+        _HELD[key] = handle
+        atexit.register(_release, key)
+        return path
+    raise ConfigError(f"Could not take the training lock '{path}'; other runs keep re-creating it. Give this run "
                       "another 'ckpt_dir'.")

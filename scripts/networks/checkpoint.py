@@ -45,7 +45,7 @@ def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path", remedy: str
         raise ConfigError(f"Checkpoint '{path}' cannot be read: {err.strerror}. Fix its permissions.") from err
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):  # torch names the class it refused to unpickle
             reason = ("holds Python objects besides tensors and plain values, which are not unpickled because they "
                       "can run code; re-save it as torch.save({'model': network.state_dict()}, path)")
         else:
@@ -64,8 +64,8 @@ def load_trained_weights(network: nn.Module, ckpt: str | os.PathLike, key: str =
         ckpt: the checkpoint file.
         key: the config key or option that named ``ckpt``, for the error messages. Defaults to ``"ckpt_path"``.
     """
-    state = read_checkpoint(ckpt, key)
-    state = state.get("model", state)
+    full = read_checkpoint(ckpt, key)
+    state = full.get("model", full)
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise ConfigError(f"Checkpoint '{ckpt}' ('{key}') has no network weights (no 'model' entry of tensors). "
                           + TRAIN_FIRST.format(key=key))
@@ -73,8 +73,12 @@ def load_trained_weights(network: nn.Module, ckpt: str | os.PathLike, key: str =
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
         details = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        if isinstance(full.get("config"), dict):
+            advice = (f"The file records its network ({full['config']}); build the network from that record "
+                      "(evaluate.json, inference.json and export-onnx do) or check the file was not altered.")
+        else:
+            advice = "Pass the network overrides used in training (e.g. --encoder_name, --skip_channels)."
         raise ConfigError(
-            f"Checkpoint '{ckpt}' does not fit the network built from the config ({details[:400]}). Pass the "
-            "network overrides used in training (e.g. --encoder_name, --skip_channels)."
+            f"Checkpoint '{ckpt}' does not fit the network built from the config ({details[:400]}). {advice}"
         ) from err
     return network

@@ -86,7 +86,7 @@ def command_line_keys(argv: list[str] | None = None) -> set[str]:
     keys = set()
     for token in sys.argv[1:] if argv is None else argv:
         if token.startswith("--") and len(token) > 2:
-            keys.add(token[2:].split("=", 1)[0])
+            keys.add(token[2:].split("=", 1)[0].split("#", 1)[0])  # --encoder_kwargs#depth overrides encoder_kwargs
     return keys - _RUN_ARGUMENTS
 
 
