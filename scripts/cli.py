@@ -187,8 +187,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     if len(sys.argv) > 1 and sys.argv[1] == "study":  # its own parser: fire would turn JSON false / null into strings
         sys.exit(study(sys.argv[2:]))
-    fire.Fire({"pack": pack, "demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx,
-               "prepare": _prepare_commands()})
+    fire.Fire(commands())
+
+
+def commands() -> dict:
+    """The commands of ``python -m scripts.cli`` other than ``study`` (which has its own parser), by name."""
+    return {"pack": pack, "demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx,
+            "prepare": _prepare_commands()}
 
 
 if __name__ == "__main__":
