@@ -15,26 +15,11 @@ from scripts.data import load_datalist
 from scripts.data.adapters import glas_datalist
 from scripts.data.adapters.common import split_counts, stratified_pick
 from scripts.errors import ConfigError
+from tests.helpers import fake_ebhi, fake_glas, fake_kpi, grey, rgb
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fake_glas(root: Path, n_train=20, n_test_a=3, n_test_b=2, suffix=".bmp"):
-    """GlaS layout: instance-id annotations, Grade.csv with the official header; 8 benign, 12 malignant."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    rows = ["name,patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015)"]
-    for subset, count in (("train", n_train), ("testA", n_test_a), ("testB", n_test_b)):
-        for i in range(1, count + 1):
-            name = f"{subset}_{i}"
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / f"{name}{suffix}")
-            anno = np.zeros((24, 32), np.uint8)
-            anno[2:8, 2:8], anno[12:20, 10:20] = 1, 2  # two glands, one id each
-            Image.fromarray(anno).save(root / f"{name}_anno{suffix}")
-            grade = "benign" if i <= (8 if subset == "train" else 1) else "malignant"
-            rows.append(f"{name},{i}, {grade}, x")
-    (root / "Grade.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 @pytest.mark.parametrize("suffix", [".bmp", ".png"])
@@ -97,26 +82,10 @@ def test_split_helpers():
     assert len(picked) == 4 and sum(p in names[:5] for p in picked) == 2
 
 
-def rgb(path, h=16, w=16, value=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(path)
 
 
-def grey(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array.astype(np.uint8)).save(path)
 
 
-def fake_ebhi(root):
-    """Six class folders; 10 images each, Adenocarcinoma 20; one Polyp image without a label."""
-    from scripts.data.adapters import EBHI_CLASSES
-
-    for cls in EBHI_CLASSES:
-        for i in range(20 if cls == "Adenocarcinoma" else 10):
-            rgb(root / cls / "image" / f"GT{i}.png")
-            if not (cls == "Polyp" and i == 3):
-                grey(root / cls / "label" / f"GT{i}.png", np.full((16, 16), 200))
-    return root
 
 
 def test_ebhi_presets_classes_and_unlabeled_report(tmp_path, caplog):
@@ -136,19 +105,6 @@ def test_ebhi_presets_classes_and_unlabeled_report(tmp_path, caplog):
         ebhi_datalist(tmp_path, tmp_path / "x.json")
 
 
-def fake_kpi(root):
-    base = root / "Task1_patch_level"
-    for split, models in (("train", ("DN", "normal")), ("validation", ("DN",)), ("test", ("DN",))):
-        for model in models:
-            for case in range(2):
-                for k in range(2):
-                    stem = f"case{case}_{k}"
-                    rgb(base / split / model / f"c{case}" / "img" / f"{stem}_img.jpg", 64, 64, 120)
-                    mask = np.zeros((64, 64))
-                    mask[8:40, 8:40] = 250
-                    mask[50:60, 50:60] = 90  # JPEG-like noise below the threshold
-                    grey(base / split / model / f"c{case}" / "mask" / f"{stem}_mask.jpg", mask)
-    return root
 
 
 @pytest.mark.parametrize("rule,expected_size,pieces", [("downsample", 16, 1), ("tile", 32, 4)])

@@ -17,7 +17,7 @@ from scripts.deploy import export_onnx
 from scripts.deploy.app import ImageFolderLoader, MaskWriter, TiledOnnxSegmenter, resolve_model_path
 from scripts.deploy.app.stage import stage_app
 from scripts.errors import ConfigError
-from tests.test_onnx import NET_ARGS, REPO, run, tiny_network
+from tests.helpers import NET_ARGS, REPO, run_python, tiny_network
 
 APP = REPO / "scripts" / "deploy" / "app"
 ROI = [32, 32]
@@ -51,7 +51,7 @@ def read_masks(folder):
 def bundle_masks(model, images, tmp_path_factory):
     """Masks of the bundle's own inference (inference.json, ONNX backend) on the same images and window."""
     out = tmp_path_factory.mktemp("bundle_masks")
-    result = run(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
+    result = run_python(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
                   *NET_ARGS, "--roi_size", json.dumps(ROI), "--input_dir", images, "--backend", "onnx",
                   "--onnx_path", model, "--output_dir", out])
     assert result.returncode != 0 and "broken.png" in result.stderr, result.stderr[-3000:]
@@ -132,7 +132,7 @@ def test_application_end_to_end(model, images, bundle_masks, tmp_path, monkeypat
     settings["segmentation"]["roi_size"] = ROI
     (tmp_path / "app.yaml").write_text(yaml.safe_dump(settings))
     monkeypatch.setenv("HOLOSCAN_CONFIG_PATH", str(tmp_path / "app.yaml"))
-    result = run(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out", "-m", model])
+    result = run_python(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out", "-m", model])
     assert result.returncode != 0, result.stderr[-3000:]
     assert "1 of 6 images" in result.stderr and "broken.png" in result.stderr, result.stderr[-3000:]
     masks = read_masks(tmp_path / "out")
@@ -141,10 +141,10 @@ def test_application_end_to_end(model, images, bundle_masks, tmp_path, monkeypat
         assert np.array_equal(masks[name], expected), name
 
     missing = tmp_path / "absent.onnx"
-    result = run(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out2", "-m", missing])
+    result = run_python(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out2", "-m", missing])
     assert result.returncode != 0 and str(missing) in result.stderr, result.stderr[-3000:]
     monkeypatch.setenv("HOLOSCAN_MODEL_PATH", str(missing))
-    result = run(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out2"])
+    result = run_python(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out2"])
     assert result.returncode != 0 and f"ONNX model '{missing}' does not exist" in result.stderr, result.stderr[-3000:]
 
 @pytest.mark.skipif(not HAS_SDK, reason="MONAI Deploy App SDK not installed (scripts/deploy/app/requirements.txt)")

@@ -6,7 +6,6 @@ on its own against the prototypes of the two processes' batches taken together.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch.multiprocessing as mp
 
 from scripts.engines import all_processes_agree, all_reduce_sum_, average_gradients_
 from scripts.prototypes import PrototypeBank
-from tests.test_resume import ENV, REPO, TINY, TRAIN, _assert_same
+from tests.helpers import ENV, REPO, TINY_MPAMATCH, TRAIN, assert_same
 
 MULTI = REPO / "bundle" / "configs" / "multi_gpu_train.json"
 STATE_KEYS = ("network", "optimizer", "prototype_bank", "text_prototypes")
@@ -49,7 +48,7 @@ def _torchrun(datalist, folder: Path, probes: tuple[str, ...] = (), **overrides)
     (folder / "probe.json").write_text(json.dumps(probe))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
            "run", "training", "--config_file", f"['{TRAIN}','{MULTI}','{folder / 'probe.json'}']"]
-    for key, value in {**TINY, "datalist": datalist, **overrides}.items():
+    for key, value in {**TINY_MPAMATCH, "datalist": datalist, **overrides}.items():
         cmd += [f"--{key}", str(value).replace(" ", "")]
     result = subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=300)
@@ -112,7 +111,7 @@ def _reduce_worker(rank: int, init_file: str, out: str) -> None:
 def test_prototype_batch_is_that_of_both_processes_batches_together(tmp_path):
     mp.spawn(_reduce_worker, args=(str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    _assert_same(ranks[0]["bank"], ranks[1]["bank"], "bank")
+    assert_same(ranks[0]["bank"], ranks[1]["bank"], "bank")
     together = PrototypeBank(3, 8, momentum=0.5)
     joined = [torch.cat([r[key] for r in ranks]) for key in ("embeddings", "target", "keep")]
     for _ in range(2):
@@ -127,7 +126,7 @@ def test_two_processes_train_in_step_on_disjoint_shards_and_only_rank_0_writes(t
     rank0, rank1 = _dumps(two_ranks)
     assert rank0["iteration"] == rank1["iteration"] == 4
     for key in STATE_KEYS:  # weights, momentum, prototype bank and text prompts, BatchNorm statistics included
-        _assert_same(rank0[key], rank1[key], key)
+        assert_same(rank0[key], rank1[key], key)
     assert rank0["prototype_bank"]["initialized"].all()
     for name, shard in rank0["shards"].items():
         other = rank1["shards"][name]
@@ -141,7 +140,7 @@ def test_two_processes_train_in_step_on_disjoint_shards_and_only_rank_0_writes(t
     assert events and all(f".{rank0['pid']}." in e.name for e in events), "TensorBoard files of another process"
     checkpoint = torch.load(models / "checkpoint.pt", map_location="cpu", weights_only=True)
     for key in STATE_KEYS:
-        _assert_same(checkpoint["model" if key == "network" else key], rank0[key], key)
+        assert_same(checkpoint["model" if key == "network" else key], rank0[key], key)
 
 
 def test_a_two_process_run_resumes_on_every_process(two_ranks, demo_two_ranks):
@@ -152,10 +151,10 @@ def test_a_two_process_run_resumes_on_every_process(two_ranks, demo_two_ranks):
     rank0, rank1 = _dumps(two_ranks)
     assert rank0["iteration"] == rank1["iteration"] == 6
     for key in STATE_KEYS:
-        _assert_same(rank0[key], rank1[key], key)
+        assert_same(rank0[key], rank1[key], key)
     checkpoint = torch.load(shared["ckpt_dir"] / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 6
-    _assert_same(checkpoint["model"], rank0["network"], "model")
+    assert_same(checkpoint["model"], rank0["network"], "model")
     assert not (two_ranks / "rank1").exists()
 
 
@@ -167,4 +166,4 @@ def test_a_preset_without_contrast_trains_and_a_step_bad_on_one_process_is_skipp
     rank0, rank1 = _dumps(tmp_path)
     assert rank0["skipped_steps"] == rank1["skipped_steps"] == 1
     for key in ("network", "optimizer"):
-        _assert_same(rank0[key], rank1[key], key)
+        assert_same(rank0[key], rank1[key], key)

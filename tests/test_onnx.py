@@ -1,8 +1,5 @@
 """ONNX export: dynamic sizes, parity with PyTorch, the ONNX Runtime backend of inference.json, clear errors."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +9,13 @@ from PIL import Image
 
 from scripts.deploy import OnnxSegmenter, check_onnx_parity, export_onnx
 from scripts.errors import ConfigError
-from scripts.networks import UNITransUNet
+from tests.helpers import NET_ARGS, run_python, tiny_network
 
 REPO = Path(__file__).resolve().parent.parent
-NET_ARGS = ["--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}", "--skip_channels", "[16,8,8]",
-            "--decoder_channels", "[16,16,8,8]"]
 
 
-def tiny_network():
-    torch.manual_seed(0)
-    return UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1},
-                        skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512).eval()
 
 
-def run(args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,7 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     network = tiny_network()
     torch.save({"model": network.state_dict()}, folder / "model.pt")
-    result = run(["-m", "scripts.cli", "export-onnx", "--ckpt", folder / "model.pt", "--out", folder / "model.onnx",
+    result = run_python(["-m", "scripts.cli", "export-onnx", "--ckpt", folder / "model.pt", "--out", folder / "model.onnx",
                   "--example_size", "[2,3,64,96]", *NET_ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
     return network, folder
@@ -54,7 +42,7 @@ def test_onnx_backend_gives_the_same_masks(exported, demo_data, tmp_path):
     masks = {}
     for backend in ("pytorch", "onnx"):
         out = tmp_path / backend
-        result = run(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
+        result = run_python(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
                       *NET_ARGS, "--roi_size", "[32,32]", "--input_dir", images, "--backend", backend,
                       "--ckpt_path", folder / "model.pt", "--onnx_path", folder / "model.onnx", "--output_dir", out])
         assert result.returncode == 0, result.stderr[-3000:]
@@ -79,7 +67,7 @@ def test_export_refuses_batch_one(tmp_path):
 
 def test_checkpoint_that_does_not_fit_is_named(exported, tmp_path):
     _, folder = exported
-    result = run(["-m", "scripts.cli", "export-onnx", "--ckpt", folder / "model.pt", "--out", tmp_path / "m.onnx",
+    result = run_python(["-m", "scripts.cli", "export-onnx", "--ckpt", folder / "model.pt", "--out", tmp_path / "m.onnx",
                   "--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}"])
     assert result.returncode != 0
     assert f"ERROR: Checkpoint '{folder / 'model.pt'}' does not fit the network" in result.stderr
@@ -87,7 +75,7 @@ def test_checkpoint_that_does_not_fit_is_named(exported, tmp_path):
 
 def test_monai_bundle_onnx_export_with_dynamo(exported, tmp_path):
     network, folder = exported
-    result = run(["-m", "monai.bundle", "onnx_export", "network_def", "--filepath", tmp_path / "monai.onnx",
+    result = run_python(["-m", "monai.bundle", "onnx_export", "network_def", "--filepath", tmp_path / "monai.onnx",
                   "--ckpt_file", folder / "model.pt", "--key_in_ckpt", "model",
                   "--config_file", REPO / "bundle/configs/inference.json", "--input_shape", "[2,3,64,64]",
                   "--use_trace", "true", "--converter_kwargs",
@@ -115,7 +103,7 @@ def test_export_rebuilds_the_recorded_network_and_stores_the_record(tmp_path):
     other.mkdir(parents=True)
     torch.save({"model": {}, "config": {**record, "skip_channels": [32, 8, 8], "roi_size": [96, 96]}}, other / "model.pt")
     # no network overrides: without the record the config's default network would not fit these weights
-    result = run(["-m", "scripts.cli", "export-onnx", "--ckpt", tmp_path / "model.pt", "--out", tmp_path / "model.onnx",
+    result = run_python(["-m", "scripts.cli", "export-onnx", "--ckpt", tmp_path / "model.pt", "--out", tmp_path / "model.onnx",
                   "--example_size", "[2,3,64,64]", "--bundle_root", tmp_path / "other"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert stored_record(tmp_path / "model.onnx") == record

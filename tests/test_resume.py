@@ -18,24 +18,16 @@ import pytest
 import torch
 
 from scripts.errors import ConfigError
+from tests.helpers import ENV, REPO, TINY_MPAMATCH, TRAIN, assert_same
 
-REPO = Path(__file__).resolve().parent.parent
-TRAIN = REPO / "bundle" / "configs" / "train.json"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 # A tiny MPAMatch run: 4 unlabeled images in batches of 2 make 2 iterations an epoch; 3 epochs, validation on
 # the 2 validation images after each.
-TINY = {
-    "method": "mpamatch", "encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
-    "decoder_channels": [16, 16, 8, 8], "embed_dim": 32, "roi_size": [32, 32], "labeled_batch_size": 2,
-    "unlabeled_batch_size": 2, "text_cfg": {"layers": 1}, "pixels_per_class": 32, "confidence_threshold": 0.0,
-    "num_epochs": 3, "val_interval": 1,
-}
 
 
 def _command(demo_data, folder, extra_config=None, **overrides):
     config = f"['{TRAIN}','{extra_config}']" if extra_config else str(TRAIN)
-    args = {**TINY, "datalist": demo_data, "ckpt_dir": folder / "models", "output_dir": folder / "runs", **overrides}
+    args = {**TINY_MPAMATCH, "datalist": demo_data, "ckpt_dir": folder / "models", "output_dir": folder / "runs", **overrides}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
     for key, value in args.items():
         cmd += [f"--{key}", str(value).replace(" ", "")]
@@ -69,19 +61,6 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_same(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where} keys differ: {sorted(set(a) ^ set(b))}"
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where} lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +89,7 @@ def test_killed_run_resumes_to_the_same_files_and_summary(straight, demo_data, t
     assert "Taking over the lock" in log
     assert _summary(log) == reference_summary
     for name in ("checkpoint.pt", "model.pt"):
-        _assert_same(_load(reference / "models" / name), _load(models / name), name)
+        assert_same(_load(reference / "models" / name), _load(models / name), name)
     assert not list(models.glob("*.tmp")) and not list(models.glob(".*.tmp")), "temporary files left behind"
     assert not (models / "training.lock").exists(), "the lock outlived the run"
 

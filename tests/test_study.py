@@ -17,7 +17,7 @@ from scripts.errors import ConfigError
 from scripts.study import build_datalists, encode_override, main, paired_bootstrap_interval
 from scripts.study.datasets import load_sections
 from scripts.study.report import paired_differences, write_label_efficiency_plot, write_results_markdown
-from tests.test_adapters import fake_ebhi, fake_glas, fake_kpi, grey, rgb
+from tests.helpers import fake_ebhi, fake_glas, fake_kpi, grey, rgb
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import fire
 
+from scripts.config import as_bool
+
 __all__ = ["main"]
 
 REPO = Path(__file__).resolve().parents[2]

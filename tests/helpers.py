@@ -1,0 +1,118 @@
+"""Helpers shared by several test files: generated data-set layouts, the tiny network, a subprocess runner.
+
+Test files import from here (never from each other); fixtures live in conftest.py.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from scripts.networks import UNITransUNet
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+TRAIN = REPO / "bundle" / "configs" / "train.json"
+
+
+def fake_glas(root: Path, n_train=20, n_test_a=3, n_test_b=2, suffix=".bmp"):
+    """GlaS layout: instance-id annotations, Grade.csv with the official header; 8 benign, 12 malignant."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = ["name,patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015)"]
+    for subset, count in (("train", n_train), ("testA", n_test_a), ("testB", n_test_b)):
+        for i in range(1, count + 1):
+            name = f"{subset}_{i}"
+            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / f"{name}{suffix}")
+            anno = np.zeros((24, 32), np.uint8)
+            anno[2:8, 2:8], anno[12:20, 10:20] = 1, 2  # two glands, one id each
+            Image.fromarray(anno).save(root / f"{name}_anno{suffix}")
+            grade = "benign" if i <= (8 if subset == "train" else 1) else "malignant"
+            rows.append(f"{name},{i}, {grade}, x")
+    (root / "Grade.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def rgb(path, h=16, w=16, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(path)
+
+
+def grey(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path)
+
+
+def fake_ebhi(root):
+    """Six class folders; 10 images each, Adenocarcinoma 20; one Polyp image without a label."""
+    from scripts.data.adapters import EBHI_CLASSES
+
+    for cls in EBHI_CLASSES:
+        for i in range(20 if cls == "Adenocarcinoma" else 10):
+            rgb(root / cls / "image" / f"GT{i}.png")
+            if not (cls == "Polyp" and i == 3):
+                grey(root / cls / "label" / f"GT{i}.png", np.full((16, 16), 200))
+    return root
+
+
+def fake_kpi(root):
+    base = root / "Task1_patch_level"
+    for split, models in (("train", ("DN", "normal")), ("validation", ("DN",)), ("test", ("DN",))):
+        for model in models:
+            for case in range(2):
+                for k in range(2):
+                    stem = f"case{case}_{k}"
+                    rgb(base / split / model / f"c{case}" / "img" / f"{stem}_img.jpg", 64, 64, 120)
+                    mask = np.zeros((64, 64))
+                    mask[8:40, 8:40] = 250
+                    mask[50:60, 50:60] = 90  # JPEG-like noise below the threshold
+                    grey(base / split / model / f"c{case}" / "mask" / f"{stem}_mask.jpg", mask)
+    return root
+
+
+# Network overrides of the tiny test network on the command line.
+NET_ARGS = ["--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}", "--skip_channels", "[16,8,8]",
+            "--decoder_channels", "[16,16,8,8]"]
+
+
+def tiny_network():
+    """The tiny UNI-TransUNet the ONNX and Deploy tests export (seeded, eval mode)."""
+    torch.manual_seed(0)
+    return UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1},
+                        skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512).eval()
+
+
+def run_python(args):
+    """Runs ``python <args>`` from the repository root, offline; returns the completed process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+# A tiny MPAMatch run on the demo fixture: 4 unlabeled images in batches of 2 make 2 iterations an epoch; 3 epochs,
+# validation on the 2 validation images after each.
+TINY_MPAMATCH = {
+    "method": "mpamatch", "encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
+    "decoder_channels": [16, 16, 8, 8], "embed_dim": 32, "roi_size": [32, 32], "labeled_batch_size": 2,
+    "unlabeled_batch_size": 2, "text_cfg": {"layers": 1}, "pixels_per_class": 32, "confidence_threshold": 0.0,
+    "num_epochs": 3, "val_interval": 1,
+}
+
+
+def assert_same(a, b, where=""):
+    """Asserts two saved states are equal: every tensor, counter and value, nested."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where} keys differ: {sorted(set(a) ^ set(b))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where} lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
