@@ -2,13 +2,11 @@
 
 from pathlib import Path
 
-from .errors import ConfigError, install_excepthook
-
-install_excepthook()
+from .errors import ConfigError
 
 # The folder that holds scripts/ and models/: the repository root, or dist/<bundle_name>/ in a packed bundle.
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 
-from . import data, deploy, engines, handlers, inference, losses, metrics, networks, prototypes, wsi  # noqa: E402  (after the hook, so import-time errors print clearly too)
+from . import data, deploy, engines, handlers, inference, losses, metrics, networks, prototypes, wsi  # noqa: E402
 
 __all__ = ["BUNDLE_ROOT", "ConfigError", "data", "deploy", "engines", "handlers", "inference", "losses", "metrics", "networks", "prototypes", "wsi"]

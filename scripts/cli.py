@@ -184,6 +184,9 @@ def study(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
+    from scripts.errors import install_excepthook
+
+    install_excepthook()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     if len(sys.argv) > 1 and sys.argv[1] == "study":  # its own parser: fire would turn JSON false / null into strings
         sys.exit(study(sys.argv[2:]))

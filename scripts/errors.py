@@ -37,6 +37,10 @@ def _excepthook(exc_type, exc, tb, _previous=sys.excepthook):
 
 
 def install_excepthook() -> None:
-    """Prints a ``ConfigError`` raised to the top level as one line (the process still exits with status 1)."""
+    """Prints a ``ConfigError`` raised to the top level as one line (the process still exits with status 1).
+
+    Called by the entry points only (each config's ``initialize``, ``python -m scripts.cli``, the Deploy app, the
+    benchmarks), never on ``import scripts``, so a program that imports the package keeps its own hook.
+    """
     if sys.excepthook is not _excepthook:
         sys.excepthook = _excepthook

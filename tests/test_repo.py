@@ -54,3 +54,12 @@ def test_metadata_pins_match_requirements():
     assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == json.loads(
         (CONFIGS / "train.json").read_text()
     )["class_names"]
+
+
+def test_importing_the_package_leaves_the_excepthook_alone():
+    import subprocess
+    import sys
+
+    code = "import sys; hook = sys.excepthook; import scripts; assert sys.excepthook is hook, 'replaced'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

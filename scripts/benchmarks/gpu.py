@@ -141,4 +141,7 @@ def main(out: str = "gpu_results", smoke: bool = False, timeout: int = 240) -> s
 
 
 if __name__ == "__main__":
+    from scripts.errors import install_excepthook
+
+    install_excepthook()
     fire.Fire(main)

@@ -105,4 +105,7 @@ def main(encoder_name: str = "vit_small", tiles: int = 32, repeats: int = 2, amp
 
 
 if __name__ == "__main__":
+    from scripts.errors import install_excepthook
+
+    install_excepthook()
     fire.Fire(main)

@@ -88,4 +88,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from scripts.errors import install_excepthook
+
+    install_excepthook()
     main()

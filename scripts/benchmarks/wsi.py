@@ -101,4 +101,7 @@ def main(sizes=(4096, 16384), encoder_name: str = "vit_tiny", backend: str = "au
 
 
 if __name__ == "__main__":
+    from scripts.errors import install_excepthook
+
+    install_excepthook()
     fire.Fire(main)

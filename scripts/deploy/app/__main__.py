@@ -5,9 +5,10 @@ Absolute imports only: inside a MAP this file runs as ``/opt/holoscan/app/__main
 
 from monai.utils import optional_import
 
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, install_excepthook
 
 if __name__ == "__main__":
+    install_excepthook()
     _, has_sdk = optional_import("monai.deploy.core")
     if not has_sdk:
         raise ConfigError(
