@@ -74,6 +74,31 @@ def test_operators_compute_writes_the_bundle_masks(model, images, bundle_masks, 
         loader.report()
 
 
+def test_a_recorded_model_brings_its_window_and_image_scale(images, tmp_path):
+    """A model exported with its record (window 32, image scale 0.5) gives the bundle's masks with no settings."""
+    from scripts.networks import model_record
+
+    record = model_record(num_classes=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1}, n_skip=3,
+                          skip_channels=[16, 8, 8], decoder_channels=[16, 16, 8, 8], embed_dim=512, hybrid=False,
+                          roi_size=ROI, image_scale=0.5)
+    model = export_onnx(tiny_network(), tmp_path / "model.onnx", example_size=(2, 3, 64, 96), record=record)
+    result = run_python(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
+                         "--input_dir", images, "--backend", "onnx", "--onnx_path", model, "--output_dir",
+                         tmp_path / "bundle"])
+    log = result.stdout + result.stderr
+    assert "Network and window from" in log and "image_scale=0.5" in log, log[-3000:]
+    loader = ImageFolderLoader(images)
+    segmenter = TiledOnnxSegmenter(model, num_classes=2)  # app.yaml's window would be 96: the record's 32 wins
+    assert segmenter.image_scale == 0.5 and list(segmenter.inferer.inferer.roi_size) == ROI
+    writer = MaskWriter(tmp_path / "app", num_classes=2)
+    for image in map(loader.load, loader.paths):
+        writer(image, segmenter(image))
+    expected, masks = read_masks(tmp_path / "bundle"), read_masks(tmp_path / "app")
+    assert sorted(masks) == sorted(expected) and len(masks) == 5
+    for name in expected:
+        assert np.array_equal(masks[name], expected[name]), name
+
+
 def test_image_failing_at_load_time_is_skipped_and_reported(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "good.png")
     Image.new("RGB", (20, 20)).save(tmp_path / "overwritten.png")

@@ -20,7 +20,8 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Normalize
 from scripts.data import IMAGENET_MEAN_255, IMAGENET_STD_255, EnsureRGBd, read_image
 from scripts.deploy.onnx import OnnxSegmenter
 from scripts.errors import ConfigError
-from scripts.inference import InferenceInputs, SavePredictiond, scan_inputs
+from scripts.inference import InferenceInputs, SavePredictiond, ScaledInferer, scan_inputs
+from scripts.networks.record import stored_record
 
 __all__ = ["ImageFolderLoader", "TiledOnnxSegmenter", "MaskWriter", "resolve_model_path"]
 
@@ -102,10 +103,15 @@ class ImageFolderLoader:
 class TiledOnnxSegmenter:
     """Class indices for one image of any size from an exported model, through a Gaussian-blended sliding window.
 
+    A model exported with its record (``export-onnx`` of a recorded ``model.pt``) brings its own window and image
+    scale: the window replaces ``roi_size`` (logged when they differ), and the image is resized by the scale before
+    the window and the logits back after it, as ``inference.json`` does (``ScaledInferer``).
+
     Args:
         model_path: the ``.onnx`` file, or a folder holding exactly one.
         num_classes: classes the model predicts. Defaults to 2.
-        roi_size: window size, multiples of the encoder's patch size. Defaults to (96, 96), as inference.json.
+        roi_size: window size, multiples of the encoder's patch size, for a model without a record. Defaults to
+            (96, 96), as inference.json.
         sw_batch_size: windows per ONNX Runtime call. Defaults to 4.
         overlap: window overlap. Defaults to 0.25.
         providers: ONNX Runtime providers. Defaults to CUDA when available, else CPU.
@@ -115,10 +121,15 @@ class TiledOnnxSegmenter:
                  sw_batch_size: int = 4, overlap: float = 0.25, providers: list[str] | None = None):
         if len(roi_size) != 2 or min(roi_size) < 1:
             raise ConfigError(f"roi_size={list(roi_size)}: give two positive sides, e.g. [96, 96].")
-        self.network = OnnxSegmenter(resolve_model_path(model_path), num_classes, providers=providers)
+        path = resolve_model_path(model_path)
+        self.network = OnnxSegmenter(path, num_classes, providers=providers)
         self.normalize = NormalizeIntensity(subtrahend=IMAGENET_MEAN_255, divisor=IMAGENET_STD_255, channel_wise=True)
-        self.inferer = SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=sw_batch_size, overlap=overlap,
-                                            mode="gaussian")
+        record = stored_record(path, "-m") or {}
+        window, self.image_scale = list(record.get("roi_size") or roi_size), float(record.get("image_scale") or 1.0)
+        if record and window != list(roi_size):
+            logger.info("Model %s was trained with the window %s; it replaces roi_size %s.", path, window, list(roi_size))
+        self.inferer = ScaledInferer(SlidingWindowInferer(roi_size=window, sw_batch_size=sw_batch_size,
+                                                          overlap=overlap, mode="gaussian"), scale=self.image_scale)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """``image``: 3 x H x W on the 0..255 scale; returns 1 x H x W class indices."""
