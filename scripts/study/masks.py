@@ -15,6 +15,8 @@ from typing import Hashable, Mapping
 import numpy as np
 from PIL import Image
 
+from scripts.files import write_text_atomically
+
 __all__ = ["SaveMaskd", "write_mask_config", "MASK_DIR_NAME"]
 
 MASK_DIR_NAME = "masks"
@@ -80,9 +82,4 @@ def write_mask_config(path: str | os.PathLike) -> Path:
         },
         "validate#evaluator#postprocessing": "$monai.transforms.Compose(@validate#postprocessing#transforms + [@study_save_masks])",
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=4) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(path, json.dumps(content, indent=4) + "\n")

@@ -13,6 +13,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from scripts.files import atomic_path, write_text_atomically
+
 __all__ = ["CSV_COLUMNS", "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "paired_bootstrap_interval", "trivial_baseline",
            "write_results_csv", "write_results_markdown", "write_label_efficiency_plot", "paired_differences"]
 
@@ -99,12 +101,6 @@ def _fmt_mean_std(values: Iterable, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
     """Writes one row per run with the columns of :data:`CSV_COLUMNS` (missing values left empty).
 
@@ -113,13 +109,11 @@ def write_results_csv(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
         rows: one mapping per run.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-    os.replace(tmp, path)
     return path
 
 
@@ -232,7 +226,7 @@ def write_results_markdown(path: str | os.PathLike, results: Sequence[Mapping], 
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- `{r['run']}`: {r.get('note') or 'failed'}" for r in failed]
     path = Path(path)
-    _atomic_write(path, "\n".join(lines) + "\n")
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -283,8 +277,7 @@ def write_label_efficiency_plot(path: str | os.PathLike, results: Sequence[Mappi
         axes.set_title(title)
     figure.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp)
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp)
     plt.close(figure)
-    os.replace(tmp, path)
     return path

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from scripts.errors import ConfigError
+from scripts.files import write_text_atomically
 
 from .datasets import DATA_NAMES, TEST_SEED, build_datalists, check_adapter_args, load_sections, ratio_label
 from .masks import MASK_DIR_NAME, write_mask_config
@@ -145,9 +146,7 @@ def _format_duration(seconds: float) -> str:
 
 
 def _atomic_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(content, indent=2) + "\n")
 
 
 def _sha256(path: Path) -> str:

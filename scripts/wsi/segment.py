@@ -35,6 +35,7 @@ from tqdm import tqdm
 from scripts.data.transforms import IMAGENET_MEAN_255, IMAGENET_STD_255
 from scripts.config import as_bool
 from scripts.errors import ConfigError
+from scripts.files import atomic_path, write_text_atomically
 from scripts.wsi.outputs import mask_to_geojson, tile_grid, write_mask_pyramid, write_tiled_tiff
 from scripts.wsi.slide import choose_level, open_slide, region_at_scale
 from scripts.wsi.tissue import build_thumbnail, tissue_mask
@@ -206,9 +207,8 @@ class SlideSegmenter:
         if self.tissue_detection:
             tissue, cut = tissue_mask(build_thumbnail(slide, level, factor, grid, down))
         picture = np.full(shape, 255, np.uint8) if tissue is None else tissue.astype(np.uint8) * 255
-        partial = png.with_name(f".{png.name}.partial")
-        Image.fromarray(picture).save(partial, format="PNG")
-        os.replace(partial, png)
+        with atomic_path(png) as partial:
+            Image.fromarray(picture).save(partial, format="PNG")
         return tissue, cut
 
     def _has_tissue(self, tissue: np.ndarray | None, top: int, left: int, h: int, w: int) -> bool:
@@ -304,9 +304,7 @@ class SlideSegmenter:
                 "outputs": {key: str(p) for key, p in outputs.items()},
                 "settings": self.settings(),
             }
-        partial = outputs["summary"].with_name(f".{outputs['summary'].name}.partial")
-        partial.write_text(json.dumps(summary, indent=2))
-        os.replace(partial, outputs["summary"])
+        write_text_atomically(outputs["summary"], json.dumps(summary, indent=2))
         logger.info("%s: %d of %d tiles segmented (%d background), %s, %.1f s -> %s", Path(slide_path).name,
                     tiles["tiles_segmented"], tiles["tiles"], tiles["tiles_skipped_background"],
                     polygons or "no polygons", summary["seconds"], outputs["mask"])

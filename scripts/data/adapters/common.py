@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from scripts.errors import ConfigError
+from scripts.files import write_text_atomically
 
 __all__ = ["natural_key", "split_counts", "stratified_pick", "write_datalist", "resolve_count"]
 
@@ -69,8 +70,6 @@ def write_datalist(sections: dict[str, list[dict]], out: str | os.PathLike, extr
         ]
     if extra:
         content.update(extra)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_text_atomically(out, json.dumps(content, indent=2) + "\n")
     return out
 
