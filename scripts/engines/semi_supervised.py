@@ -447,6 +447,21 @@ class SemiSupervisedTrainer(Trainer):
             total = total + ramp * self.method.lambda_txt * losses["loss_txt"]
         return total
 
+    def _count_divergent_step(self, engine: Engine, losses: dict, loss_finite: bool) -> None:
+        """Logs a step skipped for a non-finite loss or gradient; stops after ``max_skipped_steps`` in a row."""
+        engine.state.consecutive_skips += 1
+        bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
+        where = bad or ("on another process" if not loss_finite else "gradient")
+        logger.warning("Iteration %d: non-finite loss or gradient %s; step skipped (%d skipped in all).",
+                       engine.state.iteration, bad or f"({where})", engine.state.skipped_steps)
+        if engine.state.consecutive_skips >= self.max_skipped_steps:
+            raise TrainingDivergedError(
+                f"{engine.state.consecutive_skips} consecutive iterations had a non-finite loss or gradient "
+                f"(last: {where}); training stopped and the last checkpoint was left as it was. "
+                "Lower 'learning_rate', enable 'grad_clip_norm', or check the data; 'max_skipped_steps' sets "
+                "how many skips are tolerated."
+            )
+
     def _step(self, engine: Engine, loss: torch.Tensor, losses: dict, mask_ratio: torch.Tensor) -> dict[str, float]:
         """Backward and update, or skip the step when the loss or the gradient is not finite.
 
@@ -486,28 +501,15 @@ class SemiSupervisedTrainer(Trainer):
             if engine.state.prototype_batch is not None:
                 self.prototype_bank.update(*engine.state.prototype_batch)
                 engine.state.prototype_batch = None
-        elif overflow:
-            self.optimizer.zero_grad(set_to_none=True)
-            engine.state.prototype_batch = None
-            engine.state.skipped_steps += 1
-            logger.info("Iteration %d: float16 gradient overflow at loss scale %.0f; step skipped, scale lowered to "
-                        "%.0f.", engine.state.iteration, scale, self.scaler.get_scale())
         else:
             self.optimizer.zero_grad(set_to_none=True)
             engine.state.prototype_batch = None
             engine.state.skipped_steps += 1
-            engine.state.consecutive_skips += 1
-            bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
-            where = bad or ("on another process" if not loss_finite else "gradient")
-            logger.warning("Iteration %d: non-finite loss or gradient %s; step skipped (%d skipped in all).",
-                           engine.state.iteration, bad or f"({where})", engine.state.skipped_steps)
-            if engine.state.consecutive_skips >= self.max_skipped_steps:
-                raise TrainingDivergedError(
-                    f"{engine.state.consecutive_skips} consecutive iterations had a non-finite loss or gradient "
-                    f"(last: {where}); training stopped and the last checkpoint was left as it was. "
-                    "Lower 'learning_rate', enable 'grad_clip_norm', or check the data; 'max_skipped_steps' sets "
-                    "how many skips are tolerated."
-                )
+            if overflow:
+                logger.info("Iteration %d: float16 gradient overflow at loss scale %.0f; step skipped, scale lowered "
+                            "to %.0f.", engine.state.iteration, scale, self.scaler.get_scale())
+            else:
+                self._count_divergent_step(engine, losses, loss_finite)
         output = {"loss": float(loss.detach()), "mask_ratio": float(mask_ratio), "skipped": 0.0 if finite else 1.0}
         output.update({k: float(v.detach()) for k, v in losses.items()})
         return output
