@@ -98,7 +98,7 @@ TINY_MPAMATCH = {
     "method": "mpamatch", "encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
     "decoder_channels": [16, 16, 8, 8], "embed_dim": 32, "roi_size": [32, 32], "labeled_batch_size": 2,
     "unlabeled_batch_size": 2, "text_cfg": {"layers": 1}, "pixels_per_class": 32, "confidence_threshold": 0.0,
-    "num_epochs": 3, "val_interval": 1,
+    "num_epochs": 3, "val_interval": 1, "ema_decay": 0.9,  # the averaged weights must resume and shard exactly too
 }
 
 

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from scripts.engines import TrainingDivergedError
+from scripts.engines import TrainingDivergedError, WeightAverage
+from scripts.errors import ConfigError
+from tests.helpers import assert_same
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "bundle" / "configs" / "train.json"
@@ -286,3 +289,77 @@ def _saved(state, folder):
     path = folder / "trainer_state.pt"
     torch.save(state, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------- weight averaging
+def _small_network():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+
+def test_weight_average_follows_its_formula_and_copies_integer_buffers():
+    live = _small_network()
+    average = WeightAverage(live, decay=0.5)
+    assert average.network is not live and not any(p.requires_grad for p in average.network.parameters())
+    expected = {k: v.clone() for k, v in live.state_dict().items()}
+    for step in range(4):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p))
+            live[1].running_mean.add_(1.0)
+            live[1].num_batches_tracked.add_(1)
+        decay = min(0.5, step / (10 + step))  # 0 at the first update: it copies the live weights
+        for key, value in live.state_dict().items():
+            if value.is_floating_point():
+                expected[key] = decay * expected[key] + (1 - decay) * value
+            else:
+                expected[key] = value.clone()
+        average.update()
+        for key, value in average.network.state_dict().items():
+            torch.testing.assert_close(value, expected[key], msg=f"{key} after update {step}")
+    assert average.network.state_dict()["1.num_batches_tracked"] == 4
+    assert not torch.equal(average.network[0].weight, live[0].weight)
+
+
+def test_weight_average_state_round_trips_and_is_off_at_decay_zero():
+    live = _small_network()
+    average = WeightAverage(live, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            live[0].weight.add_(1.0)
+        average.update()
+    restored = WeightAverage(_small_network(), decay=0.9)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == 3 and torch.equal(restored.network[0].weight, average.network[0].weight)
+    older = WeightAverage(live, decay=0.9)  # a checkpoint written without averaging starts it from the live weights
+    older.load_state_dict({"decay": 0.0, "updates": 0})
+    assert torch.equal(older.network[0].weight, live[0].weight)
+
+    off = WeightAverage(live, decay=0.0)
+    off.update()
+    assert off.network is live and "network" not in off.state_dict()
+    with pytest.raises(ConfigError, match="ema_decay=1.0 must be in"):
+        WeightAverage(live, decay=1.0)
+
+
+def test_validation_and_model_pt_use_the_averaged_weights(demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=1, ema_decay=0.8)
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.state.epoch_length = 3
+    network = parser.get_parsed_content("network")
+    snapshots = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda engine: snapshots.append({k: v.clone() for k, v in network.state_dict().items()}))
+    trainer.run()
+    average = parser.get_parsed_content("weight_average")
+    assert parser.get_parsed_content("validate#evaluator").network is average.network
+    assert average.updates == 3
+    key = "segmentation_head.weight"
+    expected = snapshots[0][key]
+    for step, snapshot in enumerate(snapshots[1:], start=1):
+        decay = min(0.8, step / (10 + step))
+        expected = decay * expected + (1 - decay) * snapshot[key]
+    torch.testing.assert_close(average.network.state_dict()[key], expected)
+    assert not torch.equal(network.state_dict()[key], expected)
+    saved = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
+    assert_same(saved, {k: v.cpu() for k, v in average.network.state_dict().items()}, "model.pt")

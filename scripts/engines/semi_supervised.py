@@ -37,6 +37,7 @@ from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 
 from scripts.config import as_bool
+from scripts.engines.averaging import WeightAverage
 from scripts.engines.distributed import (all_processes_agree, all_reduce_sum_, average_gradients_, broadcast_state_,
                                          process_rank, unwrap_network)
 from scripts.engines.presets import resolve_method
@@ -174,6 +175,8 @@ class SemiSupervisedTrainer(Trainer):
         amp: mixed precision (CUDA only). Defaults to False.
         amp_dtype: ``"bfloat16"`` (no loss scaling) or ``"float16"`` (with a GradScaler). Defaults to ``"bfloat16"``.
         non_blocking: non-blocking host-to-device copies. Defaults to False.
+        weight_average: a ``WeightAverage`` of ``network`` that the trainer updates after every counted step (the
+            weights validation scores and ``model.pt`` stores). Defaults to None (no averaging).
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class SemiSupervisedTrainer(Trainer):
         amp: bool = False,
         amp_dtype: str = "bfloat16",
         non_blocking: bool = False,
+        weight_average: WeightAverage | None = None,
     ):
         self.method_name = method
         self.method = resolve_method(method, lambda_img, lambda_txt)
@@ -247,6 +251,7 @@ class SemiSupervisedTrainer(Trainer):
         self.max_skipped_steps = max_skipped_steps
         self.grad_clip_norm = grad_clip_norm
         self.seed = seed
+        self.weight_average = weight_average
         self.amp_dtype = getattr(torch, amp_dtype)
         self.state.skipped_steps = 0
         self.state.consecutive_skips = 0
@@ -501,6 +506,8 @@ class SemiSupervisedTrainer(Trainer):
             if engine.state.prototype_batch is not None:
                 self.prototype_bank.update(*engine.state.prototype_batch)
                 engine.state.prototype_batch = None
+            if self.weight_average is not None:
+                self.weight_average.update()
         else:
             self.optimizer.zero_grad(set_to_none=True)
             engine.state.prototype_batch = None
