@@ -7,6 +7,7 @@ foreign file stops with an error that names it and says what to do instead of an
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from torch import nn
 
 from scripts.errors import ConfigError
 
-__all__ = ["read_checkpoint", "load_trained_weights"]
+__all__ = ["read_checkpoint", "load_trained_weights", "initialised"]
+
+logger = logging.getLogger(__name__)
 
 TRAIN_FIRST = ("Train first (python -m monai.bundle run training --config_file bundle/configs/train.json) or point "
                "'{key}' at a trained model.pt.")
@@ -81,4 +84,13 @@ def load_trained_weights(network: nn.Module, ckpt: str | os.PathLike, key: str =
         raise ConfigError(
             f"Checkpoint '{ckpt}' does not fit the network built from the config ({details[:400]}). {advice}"
         ) from err
+    return network
+
+
+def initialised(network: nn.Module, init_weights: str | os.PathLike | None = None) -> nn.Module:
+    """``network`` with the weights of a trained ``model.pt`` when ``init_weights`` names one (fine-tuning a trained
+    model on new labels; config key ``init_weights``), else unchanged. The file must fit the network exactly."""
+    if init_weights:
+        load_trained_weights(network, init_weights, "init_weights")
+        logger.info("Network initialised from %s", init_weights)
     return network

@@ -1,0 +1,134 @@
+"""Masks and polygons for MONAI Label clients: gland outlines for QuPath (ASAP XML) and the Digital Slide Archive,
+and the labels those clients send back (ASAP XML polygons or mask images) read as masks for training.
+
+Polygon points are (x, y) = (column, row) in the coordinates of the image the client shows, so a slide region's
+outlines are shifted by the region's location.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["LabelError", "mask_polygons", "read_asap_polygons", "rasterise_polygons", "read_label_mask",
+           "annotation_result"]
+
+GLAND_COLOR = (255, 0, 0)
+
+
+class LabelError(ValueError):
+    """A label a client sent cannot be used; the message names the file and what to do."""
+
+
+def mask_polygons(mask: np.ndarray, offset: Sequence[int] = (0, 0), min_area: float = 0.0) -> list[list[list[int]]]:
+    """Outer outlines of the foreground objects of ``mask`` (H x W, non-zero = gland), as lists of [x, y] points.
+
+    Every connected object gives one polygon (holes are not outlined: glands' lumens belong to the gland).
+
+    Args:
+        mask: the predicted mask.
+        offset: (x, y) added to every point, e.g. the location of a slide region. Defaults to (0, 0).
+        min_area: polygons enclosing fewer pixels are left out (QuPath's ``min_poly_area``). Defaults to 0.
+    """
+    import cv2  # OpenCV comes with the MONAI Label requirements; the rest of the bundle does not need it
+
+    binary = np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8)
+    if not binary.any():
+        return []
+    # A one-pixel border of background lets an object that fills the whole image still have an outline.
+    padded = np.pad(binary, 1)
+    contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    dx, dy = int(offset[0]) - 1, int(offset[1]) - 1
+    polygons = []
+    for contour in contours:
+        if len(contour) < 3 or cv2.contourArea(contour) < min_area:
+            continue
+        points = contour.reshape(-1, 2)
+        polygons.append([[int(x) + dx, int(y) + dy] for x, y in points])
+    return polygons
+
+
+def read_asap_polygons(path: str | os.PathLike) -> list[tuple[str, list[tuple[float, float]]]]:
+    """The (group name, points) of every polygon in an ASAP XML file (what QuPath's MONAI Label plugin sends)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError) as err:
+        raise LabelError(f"Label '{path}' is not readable ASAP XML ({err}); export the annotation again.") from err
+    polygons = []
+    for annotation in root.iter("Annotation"):
+        points = []
+        for coordinate in annotation.iter("Coordinate"):
+            try:
+                order = int(coordinate.get("Order", len(points)))
+                points.append((order, float(coordinate.get("X")), float(coordinate.get("Y"))))
+            except (TypeError, ValueError) as err:
+                raise LabelError(f"Label '{path}': a Coordinate of annotation '{annotation.get('Name')}' has no "
+                                 f"numeric X / Y ({coordinate.attrib}).") from err
+        if len(points) >= 3:
+            points.sort()
+            name = annotation.get("PartOfGroup") or annotation.get("Name") or "gland"
+            polygons.append((name, [(x, y) for _, x, y in points]))
+    return polygons
+
+
+def rasterise_polygons(polygons: Sequence[tuple[str, Sequence[tuple[float, float]]]], height: int, width: int,
+                       ignore: Sequence[str] = ("background", "none", "ignore")) -> np.ndarray:
+    """A 0 / 1 mask of ``height`` x ``width`` with every polygon filled, except groups named in ``ignore``."""
+    import cv2
+
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for name, points in polygons:
+        if str(name).strip().lower() in ignore:
+            continue
+        contour = np.round(np.asarray(points, dtype=np.float64)).astype(np.int32).reshape(-1, 1, 2)
+        cv2.fillPoly(mask, [contour], 1)
+    return mask
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except Exception as err:  # PIL raises many types for damaged files
+        raise LabelError(f"Image '{path}' cannot be read ({err}).") from err
+
+
+def read_label_mask(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
+    """The 0 / 1 mask of a label file for an image of ``height`` x ``width`` pixels.
+
+    ASAP XML polygons (coordinates relative to the image) are filled; a mask image (PNG / TIFF / BMP, any
+    non-zero value is gland) must have the image's size. Anything else raises ``LabelError`` naming the file.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".xml":
+        polygons = read_asap_polygons(path)
+        outside = [name for name, points in polygons
+                   if any(x < -1 or y < -1 or x > width + 1 or y > height + 1 for x, y in points)]
+        if outside:
+            raise LabelError(f"Label '{path}' has polygons outside the {width} x {height} image ({len(outside)} of "
+                             f"{len(polygons)}); its coordinates must be relative to the image's top-left corner.")
+        return rasterise_polygons(polygons, height, width)
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except Exception as err:
+        raise LabelError(f"Label '{path}' cannot be read as an image or ASAP XML ({err}); send a mask image of the "
+                         "image's size (non-zero = gland) or QuPath's ASAP XML.") from err
+    if array.ndim == 3:
+        array = array[..., :3].max(axis=-1)
+    if array.shape != (height, width):
+        raise LabelError(f"Label '{path}' is {array.shape[1]} x {array.shape[0]} pixels but its image is "
+                         f"{width} x {height}; a mask label must have the image's size.")
+    return (array > 0).astype(np.uint8)
+
+
+def annotation_result(polygons: list[list[list[int]]], label: str = "gland") -> dict:
+    """One region's outlines in the form MONAI Label's ASAP and DSA writers read."""
+    return {"labels": {label: GLAND_COLOR}, "elements": [{"label": label, "contours": polygons}]} if polygons else {
+        "labels": {label: GLAND_COLOR}, "elements": []}
