@@ -363,3 +363,43 @@ def test_validation_and_model_pt_use_the_averaged_weights(demo_data, tmp_path):
     assert not torch.equal(network.state_dict()[key], expected)
     saved = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert_same(saved, {k: v.cpu() for k, v in average.network.state_dict().items()}, "model.pt")
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+def test_compile_runs_the_training_forward_through_the_compiled_module(demo_data, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_compile(module):  # stands in for torch.compile: a callable that records its use
+        def compiled(*args, **kwargs):
+            calls.append(args[0].shape[0])
+            return module(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=1, compile=True)
+    parser["train#handlers"] = []
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.state.epoch_length = 2
+    trainer.run()
+    assert len(calls) == 4  # weak (labeled + unlabeled) and strong passes of each of the 2 iterations
+    assert trainer.state.output["skipped"] == 0.0
+
+
+def test_compile_that_fails_warns_and_trains_eagerly(demo_data, tmp_path, monkeypatch, caplog):
+    def broken_compile(module):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("backend compiler failed: no C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    parser = parser_for(demo_data, tmp_path, method="supervised", num_epochs=1, compile=True)
+    parser["train#handlers"] = []
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.state.epoch_length = 2
+    network = parser.get_parsed_content("network")
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        trainer.run()
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile cannot run" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0]
+    assert any(not torch.equal(before[k], v) for k, v in network.state_dict().items())

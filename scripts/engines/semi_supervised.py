@@ -177,6 +177,10 @@ class SemiSupervisedTrainer(Trainer):
         non_blocking: non-blocking host-to-device copies. Defaults to False.
         weight_average: a ``WeightAverage`` of ``network`` that the trainer updates after every counted step (the
             weights validation scores and ``model.pt`` stores). Defaults to None (no averaging).
+        compile: run the training forward passes through ``torch.compile(network)`` (config key ``compile``). Where
+            compilation fails (no C++ compiler for the CPU backend, an unsupported operation) the trainer logs a
+            warning and goes on with the eager network. Checkpoints and validation always use the eager module, so
+            files do not depend on it. Defaults to False.
     """
 
     def __init__(
@@ -207,6 +211,7 @@ class SemiSupervisedTrainer(Trainer):
         amp_dtype: str = "bfloat16",
         non_blocking: bool = False,
         weight_average: WeightAverage | None = None,
+        compile: bool = False,
     ):
         self.method_name = method
         self.method = resolve_method(method, lambda_img, lambda_txt)
@@ -252,6 +257,7 @@ class SemiSupervisedTrainer(Trainer):
         self.grad_clip_norm = grad_clip_norm
         self.seed = seed
         self.weight_average = weight_average
+        self._compiled = torch.compile(network) if as_bool(compile, "compile") else None
         self.amp_dtype = getattr(torch, amp_dtype)
         self.state.skipped_steps = 0
         self.state.consecutive_skips = 0
@@ -340,6 +346,17 @@ class SemiSupervisedTrainer(Trainer):
         return next(self._streams[name])
 
     # ---------------------------------------------------------------------------------------------- iteration
+    def _run_network(self, images: torch.Tensor, **kwargs) -> TransUNetOutput:
+        if self._compiled is not None:
+            try:
+                return _forward(self._compiled, images, **kwargs)
+            except Exception as err:  # dynamo / inductor raise many types; the eager call below re-raises real errors
+                logger.warning("torch.compile cannot run this network here (%s: %s); training goes on with the eager "
+                               "network. Set 'compile' to false to skip the attempt.", type(err).__name__,
+                               str(err).strip().splitlines()[0][:300] if str(err).strip() else "")
+                self._compiled = None
+        return _forward(self.network, images, **kwargs)
+
     def _contrast_ramp(self) -> float:
         total = max(1, self.state.max_epochs * self.state.epoch_length)
         warmup = self.contrast_warmup * total
@@ -372,12 +389,12 @@ class SemiSupervisedTrainer(Trainer):
         self.network.train()
         with autocast:
             if method.unsupervised:
-                out = _forward(self.network, torch.cat([x, u_w]), need_fp=method.weight_fp > 0, need_embed=method.contrast)
+                out = self._run_network(torch.cat([x, u_w]), need_fp=method.weight_fp > 0, need_embed=method.contrast)
                 logits_x, logits_w = out.logits.float().split([x.shape[0], u_w.shape[0]])
-                strong_out = _forward(self.network, torch.cat(strong), need_embed=method.contrast)
+                strong_out = self._run_network(torch.cat(strong), need_embed=method.contrast)
                 logits_strong = strong_out.logits.float().chunk(len(strong))
             else:
-                out = _forward(self.network, x, need_embed=method.contrast)
+                out = self._run_network(x, need_embed=method.contrast)
                 logits_x = out.logits.float()
 
             losses["loss_x"] = supervised_loss(logits_x, y, valid=valid_x)
