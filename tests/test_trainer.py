@@ -366,37 +366,38 @@ def test_validation_and_model_pt_use_the_averaged_weights(demo_data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
-def test_compile_runs_the_training_forward_through_the_compiled_module(demo_data, tmp_path, monkeypatch):
-    calls = []
-
-    def fake_compile(module):  # stands in for torch.compile: a callable that records its use
-        def compiled(*args, **kwargs):
-            calls.append(args[0].shape[0])
-            return module(*args, **kwargs)
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=1, compile=True)
+def _compiled_trainer(demo_data, tmp_path, monkeypatch, method, compiled_call):
+    """A 2-iteration trainer with ``compile: true``, torch.compile replaced by ``module -> compiled_call(module)``."""
+    monkeypatch.setattr(torch, "compile", compiled_call)
+    parser = parser_for(demo_data, tmp_path, method=method, num_epochs=1, compile=True)
     parser["train#handlers"] = []
     trainer = parser.get_parsed_content("train#trainer")
     trainer.state.epoch_length = 2
+    return trainer, parser.get_parsed_content("network")
+
+
+def test_compile_runs_the_training_forward_through_the_compiled_module(demo_data, tmp_path, monkeypatch):
+    calls = []
+
+    def recording(module):
+        def compiled(images, **kwargs):
+            calls.append(images.shape[0])
+            return module(images, **kwargs)
+        return compiled
+
+    trainer, _ = _compiled_trainer(demo_data, tmp_path, monkeypatch, "unimatch", recording)
     trainer.run()
     assert len(calls) == 4  # weak (labeled + unlabeled) and strong passes of each of the 2 iterations
     assert trainer.state.output["skipped"] == 0.0
 
 
 def test_compile_that_fails_warns_and_trains_eagerly(demo_data, tmp_path, monkeypatch, caplog):
-    def broken_compile(module):
-        def compiled(*args, **kwargs):
+    def broken(module):
+        def compiled(images, **kwargs):
             raise RuntimeError("backend compiler failed: no C++ compiler found")
         return compiled
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    parser = parser_for(demo_data, tmp_path, method="supervised", num_epochs=1, compile=True)
-    parser["train#handlers"] = []
-    trainer = parser.get_parsed_content("train#trainer")
-    trainer.state.epoch_length = 2
-    network = parser.get_parsed_content("network")
+    trainer, network = _compiled_trainer(demo_data, tmp_path, monkeypatch, "supervised", broken)
     before = {k: v.clone() for k, v in network.state_dict().items()}
     with caplog.at_level("WARNING"):
         trainer.run()
