@@ -4,6 +4,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from tests.helpers import run_python
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
 
@@ -63,3 +67,20 @@ def test_importing_the_package_leaves_the_excepthook_alone():
     code = "import sys; hook = sys.excepthook; import scripts; assert sys.excepthook is hook, 'replaced'"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["ConfigError", "RunError"])
+def test_the_entry_point_hook_prints_any_product_error_as_one_line(kind):
+    code = ("from scripts.errors import install_excepthook, " + kind + "\n"
+            "install_excepthook()\n"
+            "try:\n    raise " + kind + "('the file x.pt is damaged; train again')\n"
+            "except Exception as err:\n    raise RuntimeError('wrapped by MONAI') from err\n")
+    result = run_python(["-c", code])
+    assert result.returncode == 1
+    assert result.stderr.strip() == "ERROR: the file x.pt is damaged; train again"
+
+
+def test_the_hook_leaves_other_errors_their_traceback():
+    code = "from scripts.errors import install_excepthook\ninstall_excepthook()\nraise KeyError('bug')\n"
+    result = run_python(["-c", code])
+    assert result.returncode == 1 and "Traceback" in result.stderr and "KeyError: 'bug'" in result.stderr

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, RunError
 
 __all__ = ["export_onnx", "check_onnx_parity", "OnnxSegmenter", "onnx_providers", "inference_network"]
 
@@ -39,7 +39,7 @@ def check_onnx_parity(network: nn.Module, onnx_path: str | os.PathLike, sizes: S
     """The largest absolute logit difference between PyTorch and ONNX Runtime over random inputs of ``sizes``.
 
     Raises:
-        ConfigError: when the difference exceeds ``tolerance``.
+        RunError: when the difference exceeds ``tolerance``.
     """
     network = network.eval().cpu()
     segmenter = OnnxSegmenter(onnx_path, network.out_channels, providers=["CPUExecutionProvider"])
@@ -50,7 +50,7 @@ def check_onnx_parity(network: nn.Module, onnx_path: str | os.PathLike, sizes: S
         with torch.no_grad():
             worst = max(worst, float((segmenter(x) - network(x)).abs().max()))
     if worst > tolerance:
-        raise ConfigError(f"ONNX model '{onnx_path}' differs from PyTorch by {worst:.3g} (> {tolerance}); do not deploy it.")
+        raise RunError(f"ONNX model '{onnx_path}' differs from PyTorch by {worst:.3g} (> {tolerance}); do not deploy it.")
     return worst
 
 

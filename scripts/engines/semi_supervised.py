@@ -41,7 +41,7 @@ from scripts.engines.averaging import WeightAverage
 from scripts.engines.distributed import (all_processes_agree, all_reduce_sum_, average_gradients_, broadcast_state_,
                                          process_rank, unwrap_network)
 from scripts.engines.presets import resolve_method
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, RunError
 from scripts.losses import cutmix_targets, masked_cross_entropy, prototype_infonce, sample_pixels_per_class, supervised_loss
 from scripts.networks import TransUNetOutput
 from scripts.prototypes import PrototypeBank, TextPrototypes
@@ -51,7 +51,7 @@ __all__ = ["SemiSupervisedTrainer", "TrainingDivergedError", "epoch_seed", "gath
 
 logger = logging.getLogger(__name__)
 
-class TrainingDivergedError(ConfigError):
+class TrainingDivergedError(RunError):
     """Too many consecutive iterations had a non-finite loss or gradient."""
 
 

@@ -15,13 +15,15 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from scripts.errors import ConfigError
+
 __all__ = ["LabelError", "mask_polygons", "read_asap_polygons", "rasterise_polygons", "read_label_mask",
            "annotation_result"]
 
 GLAND_COLOR = (255, 0, 0)
 
 
-class LabelError(ValueError):
+class LabelError(ConfigError):
     """A label a client sent cannot be used; the message names the file and what to do."""
 
 

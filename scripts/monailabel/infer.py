@@ -22,6 +22,7 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
+from scripts.errors import ConfigError
 from scripts.monailabel.annotations import annotation_result, mask_polygons
 from scripts.networks import load_trained_weights
 
@@ -30,7 +31,7 @@ __all__ = ["GlandPipeline", "GlandInferTask", "InputError"]
 logger = logging.getLogger(__name__)
 
 
-class InputError(ValueError):
+class InputError(ConfigError):
     """An image sent for segmentation cannot be read; the message names it."""
 
 

@@ -34,7 +34,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.utils.others.pathology import create_asap_annotations_xml, create_dsa_annotations_json  # noqa: E402
 
-from scripts.errors import ConfigError  # noqa: E402
+from scripts.errors import ConfigError, RunError  # noqa: E402
 from scripts.monailabel.activelearning import EntropyScoring, EntropyStrategy  # noqa: E402
 from scripts.monailabel.annotations import LabelError, annotation_result, image_size, mask_polygons, read_label_mask  # noqa: E402
 from scripts.monailabel.infer import GlandInferTask, GlandPipeline, InputError  # noqa: E402
@@ -75,6 +75,8 @@ def _as_http_errors():
         yield
     except (InputError, LabelError) as err:  # an unreadable image; training with no label
         raise HTTPException(status_code=400, detail=str(err)) from err
+    except RunError as err:  # damaged image data met while reading a slide region
+        raise HTTPException(status_code=422, detail=str(err)) from err
     except (ConfigError, FileNotFoundError) as err:  # no trained model yet, or one that does not load
         raise HTTPException(status_code=409, detail=str(err)) from err
 

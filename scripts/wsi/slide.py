@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from scripts.errors import ConfigError
+from scripts.errors import ConfigError, RunError
 
 __all__ = ["Slide", "TiffLevel", "open_slide", "SLIDE_BACKENDS"]
 
@@ -100,7 +100,7 @@ class TiffLevel:
             try:
                 decoded, _, _ = self._decode(data, index, **self._decode_args)
             except Exception as err:  # codecs raise their own types; say where the damage is
-                raise ConfigError(f"'{self.source}': cannot decode {'tile' if self.page.is_tiled else 'strip'} "
+                raise RunError(f"'{self.source}': cannot decode {'tile' if self.page.is_tiled else 'strip'} "
                                   f"{index} (row {row}, column {col}, file offset {offset}): {err}") from err
             # tifffile returns (planes, depth, length, width, samples) for a segment
             segment = decoded.reshape(decoded.shape[-3:])
