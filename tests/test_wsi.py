@@ -20,6 +20,7 @@ from scripts.wsi import (SlideSegmenter, choose_level, list_slides, mask_to_geoj
                          region_at_scale, tissue_mask, write_synthetic_slide, write_tiled_tiff)
 
 REPO = Path(__file__).resolve().parent.parent
+REPO_CONFIGS = REPO / "bundle" / "configs"
 BACKENDS = ["tifffile", "openslide"]
 
 
@@ -296,3 +297,27 @@ def test_demo_slide_stays_out_of_the_demo_data_folder(tmp_path, monkeypatch):
     assert demo_dir not in slide.parents
     # training's demo data can still be generated after the demo slide was
     ensure_demo_dataset(demo_dir, seed=0, n_labeled=1, n_unlabeled=1, n_validation=1, n_test=1, image_size=(64, 64))
+
+
+def test_slides_take_the_normalisation_of_inference_json(slide, tmp_path):
+    """The whole-slide path normalises tiles with the transform the config gives it (inference.json's ``normalize``)."""
+    config = json.loads((REPO_CONFIGS / "inference_wsi.json").read_text())
+    assert config["slide_segmenter"]["normalize"] == "@normalize"
+    assert "@normalize" in json.loads((REPO_CONFIGS / "inference.json").read_text())["preprocessing"]["transforms"]
+    seen = []
+
+    def inverted(data):  # a normalisation that flips dark and light: the dark-pixel rule then marks light pixels
+        seen.append(tuple(data["image"].shape))
+        return {"image": 255.0 - data["image"]}
+
+    inferer = SlidingWindowInferer((32, 32), sw_batch_size=8, overlap=0.25, mode="gaussian")
+    segmenter = SlideSegmenter(DarkPixels(), inferer, tmp_path, num_classes=2, tile_size=256, halo=16, mask_scale=1,
+                               progress=False, tissue_detection=False, geojson=False, normalize=inverted)
+    segmenter.run(slide)
+    assert seen and all(shape[0] == 3 for shape in seen)
+    with open_slide(slide) as s:
+        image = s.read(0, 0, 0, 700, 1000)
+    x = 255.0 - torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    expected = DarkPixels()(x)[0].argmax(0).numpy()
+    with tifffile.TiffFile(tmp_path / "s_mask.tif") as tif:
+        np.testing.assert_array_equal(tif.pages[0].asarray(), expected)

@@ -24,11 +24,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from monai.inferers import Inferer
+from monai.transforms import NormalizeIntensityd
 from PIL import Image
 from tqdm import tqdm
 
@@ -100,6 +101,9 @@ class SlideSegmenter:
         backend: slide reader, ``"auto"``, ``"openslide"`` or ``"tifffile"``. Defaults to ``"auto"``.
         overwrite: redo slides whose outputs exist. Defaults to False.
         progress: show a progress bar per slide. Defaults to True.
+        normalize: the intensity transform of ``inference.json`` (its ``normalize`` key, a dictionary transform on
+            ``"image"``, 3 x H x W on the 0..255 scale), so slides are normalised exactly as tiles are. Defaults to
+            None: the ImageNet mean / std on the 0..255 scale that ``inference.json`` uses.
 
     Examples::
 
@@ -115,7 +119,8 @@ class SlideSegmenter:
                  mask_scale: int | None = None, tissue_detection: bool = True, tissue_downsample: int = 16,
                  tissue_threshold: float | None = None,
                  min_tissue_fraction: float = 0.01, geojson: bool = True, simplify: float = 1.0,
-                 min_object_area: float = 0.0, backend: str = "auto", overwrite: bool = False, progress: bool = True):
+                 min_object_area: float = 0.0, backend: str = "auto", overwrite: bool = False, progress: bool = True,
+                 normalize: Callable[[dict], dict] | None = None):
         if tile_size < 16 or tile_size % 16:
             raise ConfigError(f"'wsi_tile_size' must be a positive multiple of 16 (a TIFF rule), got {tile_size}.")
         if halo < 0:
@@ -142,9 +147,10 @@ class SlideSegmenter:
         self.tissue_threshold, self.min_tissue_fraction = tissue_threshold, min_tissue_fraction
         self.geojson, self.simplify, self.min_object_area = geojson, simplify, min_object_area
         self.backend, self.overwrite, self.progress = backend, overwrite, progress
-        mean = torch.tensor(IMAGENET_MEAN_255, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD_255, dtype=torch.float32).view(1, 3, 1, 1)
-        self._mean, self._std = mean.to(self.device), std.to(self.device)
+        if normalize is None:
+            normalize = NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN_255, divisor=IMAGENET_STD_255,
+                                            channel_wise=True)
+        self.normalize = normalize
 
     def outputs(self, slide_path: str) -> dict[str, Path]:
         stem = Path(slide_path).stem
@@ -193,8 +199,8 @@ class SlideSegmenter:
 
     @torch.no_grad()
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
-        image = torch.from_numpy(region).to(self.device).permute(2, 0, 1)[None].float()
-        image = (image - self._mean) / self._std
+        image = torch.from_numpy(region).to(self.device).permute(2, 0, 1).float()
+        image = torch.as_tensor(self.normalize({"image": image})["image"], dtype=torch.float32)[None]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
             logits = self.inferer(image, self.network)
         return logits[0].float().argmax(dim=0).to(torch.uint8).cpu().numpy()
