@@ -193,6 +193,14 @@ def test_labels_then_train_publish_a_model_that_infer_then_uses(server):
     put = requests.put(f"{url}/datastore/label", params={"image": "tile1", "tag": "final"},
                        files={"label": ("tile1.xml", "\n".join(xml).encode(), "application/xml")}, timeout=30)
     assert put.status_code == 200, put.text
+    # A new tile uploaded to the datastore, then labelled.
+    extra = datalist["validation"][0]
+    added = requests.put(f"{url}/datastore/image", params={"image": "uploaded"},
+                         files={"file": ("uploaded.png", (base / extra["image"]).read_bytes(), "image/png")}, timeout=30)
+    assert added.status_code == 200 and added.json()["image"] == "uploaded", added.text
+    put = requests.put(f"{url}/datastore/label", params={"image": "uploaded", "tag": "final"},
+                       files={"label": ("uploaded.png", (base / extra["label"]).read_bytes(), "image/png")}, timeout=30)
+    assert put.status_code == 200, put.text
     rasterised = read_label_mask(server["studies"] / "labels" / "final" / "tile1.xml", *mask1.shape)
     assert (rasterised.astype(bool) != mask1).mean() < 0.05  # polygon outlines of the same glands
     assert (mask0 > 0).any()
@@ -214,7 +222,7 @@ def test_labels_then_train_publish_a_model_that_infer_then_uses(server):
     after = server["model"].read_bytes()
     assert after != before, "training did not publish a new model"
     stats = requests.get(f"{url}/info/", timeout=30).json()["train_stats"]["gland"]
-    assert stats["method"] == "mpamatch" and stats["labelled"] + stats["validation"] >= 2
+    assert stats["method"] == "mpamatch" and (stats["labelled"], stats["validation"]) == (2, 1)
     assert stats["unlabeled"] == len(tiles) - 2 and stats["skipped"] == 1  # the slide is not trained on
     run_log = (Path(stats["run_dir"]) / "train.log").read_text()
     assert f"Network initialised from {server['model']}" in run_log  # fine-tuned from the served model
