@@ -224,3 +224,23 @@ def test_weights_for_other_architecture_stop_with_one_line(demo_data, tmp_path):
     assert result.returncode != 0
     assert f"ERROR: Weights file '{weights}' does not fit encoder preset 'vit_tiny'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_evaluation_scores_the_weights_it_loads_even_with_weight_averaging(trained, demo_data):
+    """evaluate.json reuses train.json's evaluator; with ema_decay that evaluator would score the training-time
+    average, a fresh copy of the untrained network, instead of the network model.pt is loaded into."""
+    from monai.bundle import ConfigParser
+
+    out, _ = trained
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    settings = {"datalist": str(demo_data), "ckpt_dir": str(out / "models"), "output_dir": str(out / "runs"),
+                "ema_decay": 0.9, "encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1},
+                "skip_channels": [16, 8, 8], "decoder_channels": [16, 16, 8, 8], "roi_size": [32, 32]}
+    for key, value in settings.items():
+        parser[key] = value
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    network = parser.get_parsed_content("network")
+    assert evaluator.network is network
+    loader = next(h for h in parser.get_parsed_content("validate#handlers") if hasattr(h, "network"))
+    assert loader.network is network
