@@ -73,7 +73,8 @@ def test_training_writes_checkpoints_and_reports_dice(trained):
     tiny_network().load_state_dict(model["model"], strict=True)
     state = torch.load(out / "models" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "prototype_bank", "text_prototypes", "random_state",
-                          "best_metric"}
+                          "best_metric", "weight_average"}
+    assert state["weight_average"] == {"decay": 0.0, "updates": 0}  # averaging is off by default
     assert state["trainer"]["iteration"] == 4 and state["trainer"]["epoch_length"] == 2
     assert not list((out / "models").glob("*.tmp")), "temporary checkpoint files left behind"
     assert list((out / "runs").glob("events.out.tfevents.*")), "no TensorBoard log written"
