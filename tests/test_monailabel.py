@@ -61,7 +61,7 @@ def server(demo_data, tmp_path_factory):
         shutil.copyfile(base / entry["image"], studies / f"tile{index}.png")
     write_synthetic_slide(studies / "slide.tif", 768, 1024, tile=256, seed=1)
     overrides = {**TINY, "num_epochs": 2}
-    conf = {"model_path": str(served), "train_overrides": overrides}
+    conf = {"model_path": str(served), "train_overrides": overrides, "device": "cpu"}
     log = root / "server.log"
     try:
         with running_server(studies, conf, log) as running:
@@ -237,3 +237,34 @@ def test_labels_then_train_publish_a_model_that_infer_then_uses(server):
     assert result.status_code == 200, result.text
     expected = _pipeline(server["model"]).segment(server["studies"] / "tile3.png")
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(result.content))) > 0, expected > 0)
+
+
+# --------------------------------------------------------------------------------------- in-process pieces
+def test_one_label_trains_and_validates_on_separate_files_the_datalist_check_accepts(demo_data, tmp_path):
+    from monailabel.datastore.local import LocalDatastore
+
+    from scripts.data import checked_datalist
+    from scripts.monailabel.train import build_datalist
+
+    base = Path(demo_data).parent
+    datalist = json.loads(Path(demo_data).read_text())
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for index, entry in enumerate(datalist["training"][:3]):
+        shutil.copyfile(base / entry["image"], studies / f"tile{index}.png")
+    shutil.copyfile(base / datalist["training"][0]["label"], studies / "labels" / "final" / "tile0.png")
+    data = build_datalist(LocalDatastore(str(studies), extensions=["*.png"], auto_reload=False), tmp_path / "run")
+    assert len(data["training"]) == len(data["validation"]) == 1 and len(data["unlabeled"]) == 2
+    assert data["training"][0]["image"] != data["validation"][0]["image"]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({k: data[k] for k in ("training", "validation", "unlabeled")}))
+    checked = checked_datalist(str(path), str(tmp_path), ["training", "unlabeled", "validation"], 2, True, False)
+    assert len(checked["validation"]) == 1
+
+
+def test_a_mask_label_with_alpha_reads_its_grey_band_not_the_alpha(tmp_path):
+    grey = np.zeros((6, 8), dtype=np.uint8)
+    grey[2:4, 3:6] = 255
+    path = tmp_path / "label.png"
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), mode="LA").save(path)
+    np.testing.assert_array_equal(read_label_mask(path, 6, 8), (grey > 0).astype(np.uint8))

@@ -61,6 +61,7 @@ def main(method: str = "mpamatch", encoder_name: str = "vit_small", iterations: 
     from ignite.engine import Events
     from torch.utils.flop_counter import FlopCounterMode
 
+    from scripts.config import as_bool
     from scripts.data import demo_cache_dir, ensure_demo_dataset
 
     if warmup < 1 or iterations < 2:
@@ -72,7 +73,7 @@ def main(method: str = "mpamatch", encoder_name: str = "vit_small", iterations: 
                     "output_dir": f"{scratch}/runs", "resume": False, "method": method, "encoder_name": encoder_name,
                     "num_iterations": total, "epoch_iterations": total, "val_interval": 10**6, "log_interval": 5}
         if amp is not None:
-            settings["amp"] = bool(amp)
+            settings["amp"] = as_bool(amp, "amp")
         if labeled_batch_size:
             settings["labeled_batch_size"] = int(labeled_batch_size)
         if unlabeled_batch_size:

@@ -119,11 +119,12 @@ def read_label_mask(path: str | os.PathLike, height: int, width: int) -> np.ndar
     try:
         with Image.open(path) as image:
             array = np.asarray(image)
+            colour = [i for i, band in enumerate(image.getbands()) if band != "A"]  # an alpha band is not the mask
     except Exception as err:
         raise LabelError(f"Label '{path}' cannot be read as an image or ASAP XML ({err}); send a mask image of the "
                          "image's size (non-zero = gland) or QuPath's ASAP XML.") from err
     if array.ndim == 3:
-        array = array[..., :3].max(axis=-1)
+        array = array[..., colour].max(axis=-1)
     if array.shape != (height, width):
         raise LabelError(f"Label '{path}' is {array.shape[1]} x {array.shape[0]} pixels but its image is "
                          f"{width} x {height}; a mask label must have the image's size.")

@@ -122,8 +122,9 @@ class GlandPipeline:
         """The post-processed class-index mask (H x W, uint8) of an image file or array."""
         from scripts.inference import postprocess_mask
 
+        post = self.parts()["post"]
         mask = self.probabilities(image, tta).argmax(0).numpy().astype(np.uint8)
-        return postprocess_mask(mask, **self.parts()["post"]).astype(np.uint8)
+        return postprocess_mask(mask, **post).astype(np.uint8)
 
 
 class GlandInferTask(InferTask):

@@ -38,7 +38,7 @@ from scripts.errors import ConfigError, RunError  # noqa: E402
 from scripts.monailabel.activelearning import EntropyScoring, EntropyStrategy  # noqa: E402
 from scripts.monailabel.annotations import LabelError, annotation_result, image_size, mask_polygons, read_label_mask  # noqa: E402
 from scripts.monailabel.infer import GlandInferTask, GlandPipeline, InputError  # noqa: E402
-from scripts.monailabel.train import GlandTrainTask  # noqa: E402
+from scripts.monailabel.train import GlandTrainTask, _is_tile  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +87,12 @@ class CheckedDatastore(LocalDatastore):
     def save_label(self, image_id, label_filename, label_tag, label_info):
         if label_tag == DefaultLabelTag.FINAL.value and image_id in self.list_images():
             image = self.get_image_uri(image_id)
-            if Path(image).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            if _is_tile(image):  # slides are not rasterised here
                 try:
                     height, width = image_size(image)
                     read_label_mask(label_filename, height, width)
                 except LabelError as err:
+                    Path(label_filename).unlink(missing_ok=True)  # the upload's temporary copy: nothing is kept
                     raise HTTPException(status_code=422, detail=f"Label for '{image_id}' refused: {err}") from err
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
@@ -188,6 +189,9 @@ class GlandApp(MONAILabelApp):
 
         start = time.time()
         level = int(request.get("level") or 0)
+        if level != 0:
+            raise HTTPException(status_code=400, detail=f"Region requests are served at level 0 (full resolution, "
+                                                        f"level-0 coordinates); got level {level}.")
         height, width = slide.level_shapes[level]
         x, y = (int(v) for v in (request.get("location") or [0, 0])[:2])
         w, h = (int(v) for v in (request.get("size") or [0, 0])[:2])
@@ -199,9 +203,9 @@ class GlandApp(MONAILabelApp):
         if w * h > MAX_REGION_PIXELS:
             raise HTTPException(status_code=400, detail=f"Region {w} x {h} is larger than {MAX_REGION_PIXELS} pixels; "
                                 f"select a smaller region, or segment the whole slide with inference_wsi.json.")
-        region = slide.read(level, y, x, h, w)
         tta = str(request.get("tta", False)).lower() in ("1", "true", "yes")
         with _as_http_errors():
+            region = slide.read(level, y, x, h, w)
             mask = self.pipeline.segment(region, tta=tta)
         # The bundle's tissue detection, on an eighth of the region: no glands on glass.
         step = 8

@@ -65,7 +65,7 @@ def running_server(studies: str | os.PathLike, conf: dict, log: str | os.PathLik
             try:
                 if requests.get(f"{url}/info/", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             if time.time() > deadline:
                 raise RuntimeError(f"The MONAI Label server did not answer within {timeout:.0f} s; see {log}.")

@@ -81,7 +81,13 @@ def build_datalist(datastore: Datastore, folder: Path, validation_fraction: floa
     n_val = 0 if len(labelled) < 2 else max(1, int(round(validation_fraction * len(labelled))))
     validation, training = labelled[:n_val], labelled[n_val:]
     if len(labelled) == 1:
-        validation = list(labelled)  # one label: it is trained on and validated on; the log says so
+        # One label: it is trained on and validated on. The datalist check refuses one file in two sections, so
+        # validation reads a copy (the log says so).
+        entry = labelled[0]
+        copy = folder / "validation" / Path(entry["image"]).name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(entry["image"], copy)
+        validation = [{"image": str(copy), "label": entry["label"]}]
     return {"training": training, "validation": validation, "unlabeled": unlabeled, "skipped": skipped}
 
 
@@ -107,7 +113,8 @@ class GlandTrainTask(TrainTask):
         self.config_files = [str(self.bundle_root / "configs" / "train.json"), *(config_files or [])]
 
     def config(self) -> dict[str, Any]:
-        return {"method": "mpamatch", "num_epochs": 10, "num_iterations": 0, "finetune": True, "validation_fraction": 0.2,
+        # 0 epochs / iterations: the run length of the config (train.json, or the recipe's iteration budget)
+        return {"method": "mpamatch", "num_epochs": 0, "num_iterations": 0, "finetune": True, "validation_fraction": 0.2,
                 "seed": 0}
 
     def stats(self) -> dict[str, Any]:
@@ -126,8 +133,8 @@ class GlandTrainTask(TrainTask):
             settings["labeled_batch_size"] = int(request["labeled_batch_size"])
         if int(request.get("num_iterations") or 0) > 0:
             settings["num_iterations"] = int(request["num_iterations"])
-        elif request.get("num_epochs"):
-            settings["num_epochs"] = int(request["num_epochs"])
+        elif int(request.get("num_epochs") or 0) > 0:  # epochs asked for: a recipe's iteration budget must not win
+            settings["num_epochs"], settings["num_iterations"] = int(request["num_epochs"]), None
         finetune = str(request.get("finetune", True)).lower() in ("1", "true", "yes")
         record = stored_record(self.model_path) if finetune and self.model_path.is_file() else None
         if record is not None:
@@ -136,11 +143,12 @@ class GlandTrainTask(TrainTask):
             settings["init_weights"] = str(self.model_path)
         settings.update({"datalist": str(datalist), "ckpt_dir": str(run_dir / "models"),
                          "output_dir": str(run_dir / "runs"), "bundle_root": str(self.bundle_root), "resume": False})
-        config = "[" + ",".join(f"'{path}'" for path in self.config_files) + "]"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
-        for key, value in settings.items():
-            cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-        return cmd, method
+        # The settings travel as a config file of their own (last, so they win): on the command line fire would
+        # turn null / true / false inside values into strings.
+        overrides = run_dir / "overrides.json"
+        write_text_atomically(overrides, json.dumps(settings, indent=1))
+        config = "[" + ",".join(f"'{path}'" for path in [*self.config_files, str(overrides)]) + "]"
+        return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config], method
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         start = time.time()
@@ -166,7 +174,7 @@ class GlandTrainTask(TrainTask):
                            "'supervised' preset instead of '%s'. Add unlabeled tiles to train semi-supervised.",
                            len(data["unlabeled"]), unlabeled_batch, method)
             request["method"] = "supervised"
-        labeled_batch = int(self.overrides.get("labeled_batch_size", 4))
+        labeled_batch = int(request.get("labeled_batch_size") or self.overrides.get("labeled_batch_size", 4))
         if len(data["training"]) < labeled_batch:
             logger.info("Labelled batch size %d -> %d (the number of labelled training tiles).", labeled_batch,
                         len(data["training"]))
