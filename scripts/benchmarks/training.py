@@ -1,6 +1,6 @@
 """Training speed: the bundle's trainer against a plain loop over the same step, on the same batches.
 
-    python -m scripts.benchmarks.training [--method mpamatch] [--encoder_name vit_small] [--iterations 12] \\
+    python -m scripts.benchmarks.training [--method mpamatch] [--encoder_name NAME] [--iterations 12] \\
         [--warmup 2] [--recipe bundle/configs/recipes/cpu.json] [--amp true] [--peak_tflops 989]
 
 Two runs of ``train.json`` on the demo data, measured after ``--warmup`` iterations:
@@ -53,7 +53,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def main(method: str = "mpamatch", encoder_name: str = "vit_small", iterations: int = 12, warmup: int = 2,
+def main(method: str = "mpamatch", encoder_name: str | None = None, iterations: int = 12, warmup: int = 2,
          recipe: str | None = None, amp: bool | None = None, peak_tflops: float | None = None,
          labeled_batch_size: int | None = None, unlabeled_batch_size: int | None = None) -> dict:
     """Prints the trainer's and the plain loop's seconds per iteration and the overhead; returns the figures."""
@@ -70,8 +70,10 @@ def main(method: str = "mpamatch", encoder_name: str = "vit_small", iterations: 
     config_files = [str(TRAIN)] + ([recipe] if recipe else [])
     with tempfile.TemporaryDirectory() as scratch:
         settings = {"datalist": str(ensure_demo_dataset(demo_cache_dir())), "ckpt_dir": f"{scratch}/models",
-                    "output_dir": f"{scratch}/runs", "resume": False, "method": method, "encoder_name": encoder_name,
+                    "output_dir": f"{scratch}/runs", "resume": False, "method": method,
                     "num_iterations": total, "epoch_iterations": total, "val_interval": 10**6, "log_interval": 5}
+        if encoder_name:
+            settings["encoder_name"] = encoder_name
         if amp is not None:
             settings["amp"] = as_bool(amp, "amp")
         if labeled_batch_size:
@@ -82,6 +84,7 @@ def main(method: str = "mpamatch", encoder_name: str = "vit_small", iterations: 
         # 1. The trainer as a user runs it, recording the batches it draws and the time it waits for them.
         parser, trainer = _trainer(settings, config_files)
         device = parser.get_parsed_content("device")
+        encoder_name = parser.get_parsed_content("encoder_name")
         recorded, data_wait = [], collections.defaultdict(float)
         draw = trainer._next
 
