@@ -18,8 +18,8 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from scripts.monailabel.annotations import is_tile
 from scripts.monailabel.infer import GlandPipeline, InputError
-from scripts.monailabel.train import _is_tile
 
 __all__ = ["EntropyScoring", "EntropyStrategy", "mean_entropy"]
 
@@ -42,7 +42,7 @@ def _model_stamp(pipeline: GlandPipeline) -> str:
 
 def _unlabeled_tiles(datastore: Datastore) -> list[str]:
     labelled = set(datastore.get_labeled_images(label_tag=DefaultLabelTag.FINAL.value))
-    return [i for i in sorted(datastore.list_images()) if i not in labelled and _is_tile(datastore.get_image_uri(i))]
+    return [i for i in sorted(datastore.list_images()) if i not in labelled and is_tile(datastore.get_image_uri(i))]
 
 
 class EntropyScoring(ScoringMethod):

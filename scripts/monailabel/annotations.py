@@ -17,10 +17,11 @@ from PIL import Image
 
 from scripts.errors import ConfigError
 
-__all__ = ["LabelError", "mask_polygons", "read_asap_polygons", "rasterise_polygons", "read_label_mask",
-           "annotation_result"]
+__all__ = ["LabelError", "TILE_SUFFIXES", "is_tile", "image_size", "mask_polygons", "read_asap_polygons",
+           "rasterise_polygons", "read_label_mask", "annotation_result"]
 
 GLAND_COLOR = (255, 0, 0)
+TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 class LabelError(ConfigError):
@@ -99,6 +100,17 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             return image.height, image.width
     except Exception as err:  # PIL raises many types for damaged files
         raise LabelError(f"Image '{path}' cannot be read ({err}).") from err
+
+
+def is_tile(path: str | os.PathLike) -> bool:
+    """A single-page PNG / JPEG / TIFF / BMP image of at most 8192 x 8192 pixels (slides are not tiles)."""
+    if Path(path).suffix.lower() not in TILE_SUFFIXES:
+        return False
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1) == 1 and image.width * image.height <= 8192 * 8192
+    except Exception:
+        return False
 
 
 def read_label_mask(path: str | os.PathLike, height: int, width: int) -> np.ndarray:

@@ -36,9 +36,10 @@ from monailabel.utils.others.pathology import create_asap_annotations_xml, creat
 
 from scripts.errors import ConfigError, RunError  # noqa: E402
 from scripts.monailabel.activelearning import EntropyScoring, EntropyStrategy  # noqa: E402
-from scripts.monailabel.annotations import LabelError, annotation_result, image_size, mask_polygons, read_label_mask  # noqa: E402
+from scripts.monailabel.annotations import (TILE_SUFFIXES, LabelError, annotation_result, image_size, is_tile,  # noqa: E402
+                                            mask_polygons, read_label_mask)
 from scripts.monailabel.infer import GlandInferTask, GlandPipeline, InputError  # noqa: E402
-from scripts.monailabel.train import GlandTrainTask, _is_tile  # noqa: E402
+from scripts.monailabel.train import GlandTrainTask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class CheckedDatastore(LocalDatastore):
     def save_label(self, image_id, label_filename, label_tag, label_info):
         if label_tag == DefaultLabelTag.FINAL.value and image_id in self.list_images():
             image = self.get_image_uri(image_id)
-            if _is_tile(image):  # slides are not rasterised here
+            if is_tile(image):  # slides are not rasterised here
                 try:
                     height, width = image_size(image)
                     read_label_mask(label_filename, height, width)
@@ -178,7 +179,7 @@ class GlandApp(MONAILabelApp):
         except ConfigError:
             return None
         if slide.level_count == 1 and slide.level_shapes[0][0] * slide.level_shapes[0][1] <= MAX_REGION_PIXELS \
-                and Path(path).suffix.lower() in (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"):
+                and Path(path).suffix.lower() in TILE_SUFFIXES:
             slide.close()  # a plain (one-level) TIFF tile goes the tile path
             return None
         return slide

@@ -25,25 +25,14 @@ from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
 from scripts.files import atomic_path, write_text_atomically
-from scripts.monailabel.annotations import LabelError, image_size, read_label_mask
+from scripts.monailabel.annotations import LabelError, image_size, is_tile, read_label_mask
 from scripts.networks import NETWORK_KEYS, WINDOW_KEYS, stored_record
 
-__all__ = ["GlandTrainTask", "TILE_SUFFIXES", "build_datalist"]
+__all__ = ["GlandTrainTask", "build_datalist"]
 
 logger = logging.getLogger(__name__)
 
-TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SEMI_SUPERVISED_MINIMUM = 4  # the unlabeled stream needs at least one batch ('unlabeled_batch_size' 4 by default)
-
-
-def _is_tile(path: str) -> bool:
-    if Path(path).suffix.lower() not in TILE_SUFFIXES:
-        return False
-    try:
-        with Image.open(path) as image:
-            return getattr(image, "n_frames", 1) == 1 and image.width * image.height <= 8192 * 8192
-    except Exception:
-        return False
 
 
 def build_datalist(datastore: Datastore, folder: Path, validation_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -59,7 +48,7 @@ def build_datalist(datastore: Datastore, folder: Path, validation_fraction: floa
     labelled, unlabeled, skipped = [], [], []
     for image_id in sorted(datastore.list_images()):
         image = datastore.get_image_uri(image_id)
-        if not _is_tile(image):
+        if not is_tile(image):
             skipped.append({"image": image, "reason": "not a single-page PNG / JPEG / TIFF / BMP tile (slides are "
                                                       "annotated and served, not trained on whole)"})
             continue
