@@ -192,3 +192,22 @@ def test_hybrid_layout_keeps_the_stem_without_skips_and_refuses_what_cannot_work
     with pytest.raises(ConfigError, match="hybrid=true feeds the ViT with CNN features"):
         tiny_net(hybrid=True, encoder_weights=str(weights))
     assert tiny_net(hybrid="false").hybrid is False  # the command line passes yes / no keys as strings
+
+
+def test_projection_head_projects_picked_pixels_as_the_whole_map():
+    """``project`` on a few hidden-map rows gives the whole-map embeddings at those pixels, and the same gradient."""
+    from scripts.networks import ProjectionHead
+
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 16).train()
+    hidden = head.features(torch.randn(2, 6, 5, 7)).detach()
+    picked = torch.tensor([0, 9, 34, 50, 69])
+    whole = head.embed(hidden).permute(0, 2, 3, 1).reshape(-1, 16)[picked]
+    (whole * torch.arange(16.0)).sum().backward()
+    whole_grad = head.layers[3].weight.grad.clone()
+    head.zero_grad()
+    sparse = head.project(hidden.permute(0, 2, 3, 1).reshape(-1, 6)[picked])
+    (sparse * torch.arange(16.0)).sum().backward()
+    torch.testing.assert_close(sparse, whole)
+    torch.testing.assert_close(head.layers[3].weight.grad, whole_grad)
+    torch.testing.assert_close(sparse.norm(dim=1), torch.ones(5))

@@ -106,21 +106,26 @@ def test_single_non_finite_step_is_counted_and_training_goes_on(demo_data, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ method fixes (review)
-def _contrast_inputs(dim=8, seed=0):
-    """A labeled and a strong-view embedding map with their targets and keep masks (2 x dim x 6 x 6 each)."""
+def _contrast_inputs(trainer, seed=0):
+    """Labeled and strong-view hidden maps of the trainer's projection head, their whole-map embeddings, targets and
+    keep masks (2 x hidden x 6 x 6 each)."""
+    head = trainer.network.projection_head
     g = torch.Generator().manual_seed(seed)
-    emb = [torch.nn.functional.normalize(torch.randn(2, dim, 6, 6, generator=g), dim=1) for _ in range(2)]
+    hidden = [torch.randn(2, head.layers[3].in_channels, 6, 6, generator=g).relu() for _ in range(2)]
     targets = [torch.randint(0, 2, (2, 6, 6), generator=g) for _ in range(2)]
     keeps = [torch.rand(2, 6, 6, generator=g) > 0.2 for _ in range(2)]
-    return emb, targets, keeps
+    with torch.no_grad():
+        emb = [head.embed(h) for h in hidden]
+    return hidden, emb, targets, keeps
 
 
 def test_batch_prototypes_pool_every_valid_labeled_pixel_not_the_infonce_sample(demo_data, tmp_path):
     parser = parser_for(demo_data, tmp_path, method="mpamatch_img", embed_dim=8, pixels_per_class=2)
     trainer = parser.get_parsed_content("train#trainer")
-    emb, targets, keeps = _contrast_inputs()
-    trainer._contrast(emb, targets, keeps, 2, {})
+    hidden, emb, targets, keeps = _contrast_inputs(trainer)
+    trainer._contrast(hidden, targets, keeps, 2, {})
     means, present = trainer.state.prototype_batch
+    # The expected means come from the whole-map embeddings: the trainer projects only the pixels it uses.
     pixels = emb[0].permute(0, 2, 3, 1).reshape(-1, 8)
     target, keep = targets[0].reshape(-1), keeps[0].reshape(-1)
     for c in range(2):
@@ -131,19 +136,46 @@ def test_batch_prototypes_pool_every_valid_labeled_pixel_not_the_infonce_sample(
     assert present.all()
 
 
+def test_infonce_on_projected_sample_equals_the_whole_map_embeddings(demo_data, tmp_path):
+    """L_img and its gradient are those of projecting the whole map and picking the sampled pixels."""
+    from scripts.engines import gather_contrast_pixels
+    from scripts.losses import prototype_infonce
+
+    parser = parser_for(demo_data, tmp_path, method="mpamatch_img", embed_dim=8, pixels_per_class=5)
+    trainer = parser.get_parsed_content("train#trainer")
+    head = trainer.network.projection_head
+    hidden, _, targets, keeps = _contrast_inputs(trainer, seed=2)
+    bank = parser.get_parsed_content("prototype_bank")
+    bank.update(torch.nn.functional.normalize(torch.randn(2, 8), dim=1), torch.ones(2, dtype=torch.bool))
+    losses = {}
+    torch.manual_seed(0)
+    trainer._contrast(hidden, targets, keeps, 2, losses)
+    losses["loss_img"].backward()
+    sparse_grad = head.layers[3].weight.grad.clone()
+    head.zero_grad()
+    torch.manual_seed(0)
+    whole = [head.embed(h) for h in hidden]
+    pixels, target, _ = gather_contrast_pixels(whole, targets, keeps, 2, 5)
+    expected = prototype_infonce(pixels, target, bank.prototypes, trainer.image_temperature)
+    expected.backward()
+    assert float(losses["loss_img"]) > 0
+    assert abs(float(losses["loss_img"]) - float(expected)) < 1e-5
+    assert torch.allclose(sparse_grad, head.layers[3].weight.grad, atol=1e-6)
+
+
 def test_contrastive_terms_run_in_float32_under_bf16_autocast(demo_data, tmp_path):
     parser = parser_for(demo_data, tmp_path, method="mpamatch", embed_dim=8, pixels_per_class=1000)
     trainer = parser.get_parsed_content("train#trainer")
-    emb, targets, keeps = _contrast_inputs(seed=1)
+    hidden, _, targets, keeps = _contrast_inputs(trainer, seed=1)
     bank = parser.get_parsed_content("prototype_bank")
     bank.update(torch.nn.functional.normalize(torch.randn(2, 8), dim=1), torch.ones(2, dtype=torch.bool))
     reference = {}
     torch.manual_seed(0)
-    trainer._contrast(emb, targets, keeps, 2, reference)
+    trainer._contrast(hidden, targets, keeps, 2, reference)
     under_autocast = {}
     torch.manual_seed(0)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        total = trainer._contrast(emb, targets, keeps, 2, under_autocast)
+        total = trainer._contrast(hidden, targets, keeps, 2, under_autocast)
     assert total.dtype == torch.float32
     for key in ("loss_img", "loss_txt"):
         assert float(reference[key].detach()) > 0

@@ -5,10 +5,12 @@ One iteration, top to bottom (docs/method.md, "Losses"):
 1. the CutMix source u' is predicted in eval mode without gradient; its strong views are pasted into u's inside
    the CutMix boxes;
 2. one forward of [x, u_w] with the feature-perturbation stream gives labeled logits, weak logits, FP logits and
-   pixel embeddings; one forward of [u_s1, u_s2] gives the strong logits and embeddings;
+   the projection head's hidden maps; one forward of [u_s1, u_s2] gives the strong logits and hidden maps;
 3. pseudo-labels and confidences of u_w, replaced inside each box by those of u';
 4. L_x (CE + Dice), L_s1, L_s2, L_fp (masked CE over all valid pixels), L_img and L_txt (pixel-to-prototype
-   InfoNCE on labeled and confident strong-view pixels), one weighted sum, one optimiser step.
+   InfoNCE on labeled and confident strong-view pixels), one weighted sum, one optimiser step. Only the pixels
+   the contrastive terms use go through the projection head's last layer (``ProjectionHead.project``): the same
+   embeddings as projecting the whole map, without its cost.
 
 An epoch is ``epoch_length`` iterations (by default one pass over the unlabeled set, or over the labeled set for
 ``supervised``; a fixed count when the config gives an iteration budget, so every preset trains the same number
@@ -106,37 +108,38 @@ def _to_device(batch: dict, device: torch.device, non_blocking: bool) -> dict:
     return out
 
 
-def _gather_pixels(embeddings: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-    """Rows of the B x D x h x w embeddings at flat pixel indices (over B*h*w), without copying the whole map."""
-    batch, dim, height, width = embeddings.shape
+def _gather_pixels(maps: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Rows of the B x D x h x w map at flat pixel indices (over B*h*w), without copying the whole map."""
+    batch, dim, height, width = maps.shape
     image, pixel = flat_index // (height * width), flat_index % (height * width)
-    return embeddings.flatten(2)[image, :, pixel]
+    return maps.flatten(2)[image, :, pixel]
 
 
-def gather_contrast_pixels(embeddings: list[torch.Tensor], targets: list[torch.Tensor], keeps: list[torch.Tensor],
+def gather_contrast_pixels(maps: list[torch.Tensor], targets: list[torch.Tensor], keeps: list[torch.Tensor],
                            num_classes: int, max_per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples at most ``max_per_class`` kept pixels per class over several B x D x h x w embedding maps.
+    """Samples at most ``max_per_class`` kept pixels per class over several B x D x h x w maps.
 
-    Returns the N x D pixel embeddings, their N targets and the N indices of the map each came from (0 for the
+    The maps are pixel embeddings or the projection head's hidden maps (the trainer's case: it projects only the
+    sampled rows). Returns the N x D rows, their N targets and the N indices of the map each came from (0 for the
     first map, the labeled one), all in the same order.
     """
-    counts = [e.shape[0] * e.shape[2] * e.shape[3] for e in embeddings]
+    counts = [m.shape[0] * m.shape[2] * m.shape[3] for m in maps]
     offsets = np.cumsum([0, *counts])
     target = torch.cat([t.reshape(-1) for t in targets])
     keep = torch.cat([k.reshape(-1) for k in keeps])
     index = sample_pixels_per_class(target, keep, num_classes, max_per_class).sort().values
     pixels = torch.cat([
-        _gather_pixels(emb, index[(index >= lo) & (index < hi)] - lo)
-        for emb, lo, hi in zip(embeddings, offsets[:-1], offsets[1:])
+        _gather_pixels(m, index[(index >= lo) & (index < hi)] - lo)
+        for m, lo, hi in zip(maps, offsets[:-1], offsets[1:])
     ]).float()
     block = torch.bucketize(index, torch.as_tensor(offsets[1:-1], device=index.device), right=True)
     return pixels, target[index], block
 
 
-def _forward(network: torch.nn.Module, images: torch.Tensor, need_fp: bool = False, need_embed: bool = False
-             ) -> TransUNetOutput:
+def _forward(network: torch.nn.Module, images: torch.Tensor, need_fp: bool = False,
+             need_embed_features: bool = False) -> TransUNetOutput:
     """The network's training outputs, always as a ``TransUNetOutput`` (a plain call returns bare logits)."""
-    out = network(images, need_fp=need_fp, need_embed=need_embed)
+    out = network(images, need_fp=need_fp, need_embed_features=need_embed_features)
     return out if isinstance(out, TransUNetOutput) else TransUNetOutput(out, None, None)
 
 
@@ -389,18 +392,19 @@ class SemiSupervisedTrainer(Trainer):
         self.network.train()
         with autocast:
             if method.unsupervised:
-                out = self._run_network(torch.cat([x, u_w]), need_fp=method.weight_fp > 0, need_embed=method.contrast)
+                out = self._run_network(torch.cat([x, u_w]), need_fp=method.weight_fp > 0,
+                                        need_embed_features=method.contrast)
                 logits_x, logits_w = out.logits.float().split([x.shape[0], u_w.shape[0]])
-                strong_out = self._run_network(torch.cat(strong), need_embed=method.contrast)
+                strong_out = self._run_network(torch.cat(strong), need_embed_features=method.contrast)
                 logits_strong = strong_out.logits.float().chunk(len(strong))
             else:
-                out = self._run_network(x, need_embed=method.contrast)
+                out = self._run_network(x, need_embed_features=method.contrast)
                 logits_x = out.logits.float()
 
             losses["loss_x"] = supervised_loss(logits_x, y, valid=valid_x)
             contrast_emb, contrast_target, contrast_keep = [], [], []
             if method.contrast:
-                emb_x = out.embeddings[: x.shape[0]]
+                emb_x = out.embed_features[: x.shape[0]]
                 size = tuple(emb_x.shape[-2:])
                 contrast_emb.append(emb_x)
                 contrast_target.append(_resize_nearest(y, size).long())
@@ -411,7 +415,8 @@ class SemiSupervisedTrainer(Trainer):
                 conf_w, target_w = probs_w.max(dim=1)
                 mask_ratio = ((conf_w >= tau) & valid_u).sum() / valid_u.sum().clamp_min(1)
                 weights = (method.weight_s1, method.weight_s2)
-                strong_emb = strong_out.embeddings.chunk(len(strong)) if method.contrast else [None] * len(strong)
+                strong_emb = (strong_out.embed_features.chunk(len(strong)) if method.contrast
+                              else [None] * len(strong))
                 for i, (box, logits_s, emb_s) in enumerate(zip(boxes, logits_strong, strong_emb)):
                     target, conf, valid = cutmix_targets(box, target_w, conf_w, valid_u, mix_target, mix_conf, valid_mix)
                     losses[f"loss_s{i + 1}"] = masked_cross_entropy(logits_s, target, conf, valid, tau)
@@ -433,18 +438,23 @@ class SemiSupervisedTrainer(Trainer):
 
         return self._step(engine, loss, losses, mask_ratio)
 
-    def _contrast(self, embeddings: list, targets: list, keeps: list, num_classes: int, losses: dict) -> torch.Tensor:
+    def _contrast(self, hidden: list, targets: list, keeps: list, num_classes: int, losses: dict) -> torch.Tensor:
         """L_img and L_txt on sampled labeled and confident strong-view pixels; stores the bank's batch prototypes.
 
-        Runs in float32 even inside an autocast step: bf16 logits at temperature 0.07 are off by several hundredths.
+        ``hidden`` are the projection head's hidden maps (labeled first, then the strong views): only the pixels
+        sampled for InfoNCE are projected with gradient, and the labeled pixels that the batch prototypes average
+        are projected without it. Runs in float32 even inside an autocast step: bf16 logits at temperature 0.07
+        are off by several hundredths.
         """
-        device_type = embeddings[0].device.type
+        device_type = hidden[0].device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._contrast_float32([e.float() for e in embeddings], targets, keeps, num_classes, losses)
+            return self._contrast_float32([h.float() for h in hidden], targets, keeps, num_classes, losses)
 
-    def _contrast_float32(self, embeddings: list, targets: list, keeps: list, num_classes: int,
+    def _contrast_float32(self, hidden: list, targets: list, keeps: list, num_classes: int,
                           losses: dict) -> torch.Tensor:
-        pixels, pixel_target, _ = gather_contrast_pixels(embeddings, targets, keeps, num_classes, self.pixels_per_class)
+        head = unwrap_network(self.network).projection_head
+        rows, pixel_target, _ = gather_contrast_pixels(hidden, targets, keeps, num_classes, self.pixels_per_class)
+        pixels = head.project(rows)
         ramp = self._contrast_ramp()
         total = pixels.sum() * 0.0
         if self.method.lambda_img > 0:
@@ -454,15 +464,18 @@ class SemiSupervisedTrainer(Trainer):
                 total = total + ramp * self.method.lambda_img * losses["loss_img"]
             # The batch prototypes are means over every valid labeled pixel (the first map), and optionally every
             # confident strong-view pixel, not over the per-class sample drawn for InfoNCE.
-            pooled = embeddings if self.prototype_from_pseudo else embeddings[:1]
-            # Under torchrun the sums and counts of every process's batch are added up first, so the bank stays the
-            # same on every process.
-            self.state.prototype_batch = self.prototype_bank.batch_prototypes(
-                torch.cat([e.detach().permute(0, 2, 3, 1).reshape(-1, e.shape[1]) for e in pooled]),
-                torch.cat([t.reshape(-1) for t in targets[: len(pooled)]]),
-                torch.cat([k.reshape(-1) for k in keeps[: len(pooled)]]),
-                reduce=all_reduce_sum_,
-            )
+            pooled = len(hidden) if self.prototype_from_pseudo else 1
+            keep = torch.cat([k.reshape(-1) for k in keeps[:pooled]])
+            with torch.no_grad():
+                kept = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]) for h in hidden[:pooled]])[keep]
+                # Under torchrun the sums and counts of every process's batch are added up first, so the bank stays
+                # the same on every process.
+                self.state.prototype_batch = self.prototype_bank.batch_prototypes(
+                    head.project(kept),
+                    torch.cat([t.reshape(-1) for t in targets[:pooled]])[keep],
+                    torch.ones(kept.shape[0], dtype=torch.bool, device=kept.device),
+                    reduce=all_reduce_sum_,
+                )
         if self.method.lambda_txt > 0:
             text = self.text_prototypes().float()
             losses["loss_txt"] = prototype_infonce(pixels, pixel_target, text, self.text_prototypes.temperature())

@@ -35,11 +35,13 @@ _STEM_STRIDE = 8  # the skip stem's coarsest map, which the hybrid ViT reads, is
 
 
 class TransUNetOutput(NamedTuple):
-    """Training-path outputs: logits (B x C x H x W), perturbed-feature logits and pixel embeddings (or None)."""
+    """Training-path outputs: logits (B x C x H x W), perturbed-feature logits, pixel embeddings and the projection
+    head's hidden map (each None unless asked for)."""
 
     logits: torch.Tensor
     logits_fp: torch.Tensor | None
     embeddings: torch.Tensor | None
+    embed_features: torch.Tensor | None = None
 
 
 class ConvBNReLU(nn.Sequential):
@@ -144,7 +146,25 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.layers(x), dim=1)
+        return self.embed(self.features(x))
+
+    def embed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings (B x D x h x w) of a whole hidden map."""
+        return F.normalize(self.layers[3](hidden), dim=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden map (conv - BN - ReLU, B x hidden x h x w): what ``project`` turns into embeddings."""
+        return self.layers[:3](x)
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings (N x D) of N hidden-map pixels (N x hidden), as ``forward`` gives them.
+
+        The last layer is a per-pixel linear map, so projecting only the pixels a loss uses equals projecting the
+        whole map and picking them, without the full D-channel map and its normalisation (most of the cost of the
+        contrastive terms in a training step).
+        """
+        last = self.layers[3]
+        return F.normalize(F.linear(rows, last.weight.flatten(1), last.bias), dim=1)
 
 
 class UNITransUNet(nn.Module):
@@ -312,13 +332,15 @@ class UNITransUNet(nn.Module):
         return sizes[::-1] + [(height, width)]
 
     def forward(
-        self, x: torch.Tensor, need_fp: bool = False, need_embed: bool = False
+        self, x: torch.Tensor, need_fp: bool = False, need_embed: bool = False, need_embed_features: bool = False
     ) -> torch.Tensor | TransUNetOutput:
         """Segments ``x`` (B x 3 x H x W, H and W multiples of the patch size).
 
         Returns the logits tensor (B x C x H x W) by default, as bundles, ONNX export and inference expect. With
-        ``need_fp`` or ``need_embed`` it returns a ``TransUNetOutput`` whose ``logits_fp`` come from the same
-        features after channel dropout and whose ``embeddings`` are L2-normalised pixel embeddings.
+        ``need_fp``, ``need_embed`` or ``need_embed_features`` it returns a ``TransUNetOutput`` whose ``logits_fp``
+        come from the same features after channel dropout, whose ``embeddings`` are L2-normalised pixel embeddings
+        and whose ``embed_features`` are the projection head's hidden map, for ``projection_head.project`` on the
+        pixels a loss samples (the trainer's path).
         """
         self._check_size(x)
         height, width = x.shape[-2:]
@@ -329,12 +351,13 @@ class UNITransUNet(nn.Module):
             skips = [None if s is None else torch.cat([s, self.fp_dropout(s)]) for s in skips]
         features = self.decoder(tokens, sizes, skips)
         logits = self.segmentation_head(features[-1])
-        if not (need_fp or need_embed):
+        if not (need_fp or need_embed or need_embed_features):
             return logits
         logits_fp = None
         embed_feature = features[self.embed_level]
         if need_fp:
             logits, logits_fp = logits.chunk(2)
             embed_feature = embed_feature[: x.shape[0]]
-        embeddings = self.projection_head(embed_feature) if need_embed else None
-        return TransUNetOutput(logits, logits_fp, embeddings)
+        hidden = self.projection_head.features(embed_feature) if need_embed or need_embed_features else None
+        embeddings = self.projection_head.embed(hidden) if need_embed else None
+        return TransUNetOutput(logits, logits_fp, embeddings, hidden if need_embed_features else None)
