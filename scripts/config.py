@@ -6,7 +6,14 @@ import numpy as np
 
 from scripts.errors import ConfigError
 
-__all__ = ["as_bool", "check_training_config"]
+__all__ = ["as_bool", "check_training_config", "stderr_is_terminal"]
+
+
+def stderr_is_terminal() -> bool:
+    """Whether standard error is a terminal: the default of the ``progress_bar`` keys (no bar in log files)."""
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def as_bool(value: bool | str | None, key: str) -> bool:

@@ -5,6 +5,7 @@ one-line error messages are what users get.
 """
 
 import csv
+import io
 import os
 import re
 import subprocess
@@ -78,6 +79,55 @@ def test_training_writes_checkpoints_and_reports_dice(trained):
     assert state["trainer"]["iteration"] == 4 and state["trainer"]["epoch_length"] == 2
     assert not list((out / "models").glob("*.tmp")), "temporary checkpoint files left behind"
     assert list((out / "runs").glob("events.out.tfevents.*")), "no TensorBoard log written"
+    # A line per epoch with the time left, for log files (the progress bar is for terminals only).
+    assert re.search(r"Epoch 1/2: iteration 2/4, \d+:\d\d elapsed, about \d+:\d\d left", log)
+    assert "Epoch 2/2: iteration 4/4" in log
+
+
+def test_training_writes_validation_overlays_to_tensorboard(trained, demo_data):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = trained
+    validation = json.loads(Path(demo_data).read_text())["validation"][:4]
+    images = {}
+    for events in (out / "runs").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["images"]:
+            images[tag] = accumulator.Images(tag)
+    assert sorted(images) == sorted(f"validation/{Path(item['image']).stem}" for item in validation)
+    for item in validation:
+        events = images[f"validation/{Path(item['image']).stem}"]
+        assert [e.step for e in events] == [1, 2]  # one overlay per validation (the trainer's epoch)
+        picture = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("RGB"))
+        source = np.asarray(Image.open(Path(demo_data).parent / item["image"]).convert("RGB"))
+        assert picture.shape == source.shape  # drawn at the image's own size (under 768 px)
+        yellow = (picture == (255, 255, 0)).all(-1)
+        green = (picture == (0, 255, 0)).all(-1)
+        assert yellow.any(), "no ground-truth contour drawn"
+        assert np.array_equal(picture[~(yellow | green)], source[~(yellow | green)]), "the image itself was altered"
+
+
+def test_mlflow_tracking_records_losses_and_validation_metrics(demo_data, tmp_path):
+    """MONAI's ``--tracking mlflow`` works on this bundle's trainer and evaluator, into a local SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "mlruns.db"
+    run_bundle(
+        "training", TRAIN, "--datalist", demo_data, *TINY_TRAIN, "--ckpt_dir", tmp_path / "models",
+        "--output_dir", tmp_path / "runs", "--num_epochs", 2, "--tracking", "mlflow",
+        "--tracking_uri", f"sqlite:///{store}", "--experiment_name", "glands",
+    )
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("glands")
+    (run,) = client.search_runs([experiment.experiment_id])
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    assert all(0 < m.value < 10 for m in losses)
+    dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
+    assert [m.step for m in dice] == [1, 2] and all(0 <= m.value <= 1 for m in dice)
 
 
 def test_training_resumes_from_last_checkpoint(trained, demo_data, tmp_path):

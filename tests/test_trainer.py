@@ -3,6 +3,7 @@
 Resume after SIGKILL is tested in tests/test_resume.py.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def test_every_preset_trains(method, demo_data, tmp_path):
     network = parser.get_parsed_content("network")
     before = {k: v.clone() for k, v in network.state_dict().items()}
     trainer.run()
-    output = trainer.state.output
+    output = trainer.state.output[0]  # one item, as MONAI's decollated trainer output
     assert set(output) == {"loss", "loss_x", "loss_s1", "loss_s2", "loss_fp", "loss_img", "loss_txt", "mask_ratio", "skipped"}
     assert all(isinstance(v, float) for v in output.values())
     config = trainer.method
@@ -102,7 +103,7 @@ def test_single_non_finite_step_is_counted_and_training_goes_on(demo_data, tmp_p
     network.segmentation_head.register_forward_hook(poison_first)
     trainer.run()
     assert trainer.state.skipped_steps == 1 and trainer.state.consecutive_skips == 0
-    assert trainer.state.output["skipped"] == 0.0
+    assert trainer.state.output[0]["skipped"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------ method fixes (review)
@@ -296,7 +297,7 @@ def test_the_trainer_feeds_the_prototype_bank_without_any_handler(demo_data, tmp
     trainer.run()
     assert bank.updates.tolist() == [2, 2]  # one update per class per counted step
     assert bank.ready and trainer.state.prototype_batch is None
-    assert trainer.state.output["loss_img"] > 0
+    assert trainer.state.output[0]["loss_img"] > 0
 
 
 def test_float16_scale_and_skip_counters_travel_in_the_trainer_state(demo_data, tmp_path):
@@ -420,7 +421,7 @@ def test_compile_runs_the_training_forward_through_the_compiled_module(demo_data
     trainer, _ = _compiled_trainer(demo_data, tmp_path, monkeypatch, "unimatch", recording)
     trainer.run()
     assert len(calls) == 4  # weak (labeled + unlabeled) and strong passes of each of the 2 iterations
-    assert trainer.state.output["skipped"] == 0.0
+    assert trainer.state.output[0]["skipped"] == 0.0
 
 
 def test_compile_that_fails_warns_and_trains_eagerly(demo_data, tmp_path, monkeypatch, caplog):
@@ -436,3 +437,25 @@ def test_compile_that_fails_warns_and_trains_eagerly(demo_data, tmp_path, monkey
     warnings = [r.getMessage() for r in caplog.records if "torch.compile cannot run" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0]
     assert any(not torch.equal(before[k], v) for k, v in network.state_dict().items())
+
+
+def test_terminal_progress_bar_shows_iterations_and_loss_and_stays_off_when_disabled(capsys):
+    from ignite.engine import Engine
+
+    from scripts.handlers import TerminalProgressBar
+
+    def step(engine, batch):
+        return [{"loss": 0.25 * engine.state.iteration, "loss_x": 1.0}]
+
+    engine = Engine(step)
+    TerminalProgressBar(enabled="true", output_keys=["loss"]).attach(engine)
+    engine.run(range(3), max_epochs=1)
+    bar = capsys.readouterr().err
+    # tqdm redraws in place and skips redraws closer than 0.1 s, so which counts appear depends on timing.
+    assert re.search(r"Iteration: \[[123]/3\]", bar) and re.search(r"loss=0\.(25|5|75)", bar)
+    assert "loss_x" not in bar
+
+    quiet = Engine(step)
+    TerminalProgressBar(enabled=False).attach(quiet)
+    quiet.run(range(3), max_epochs=1)
+    assert capsys.readouterr().err == ""

@@ -126,15 +126,15 @@ def main_process_handlers(handlers: Sequence) -> list:
     """All ``handlers`` on rank 0; on the other ranks only those that keep the training state in step.
 
     Left out on ranks above 0: the handlers that log, write files or report (MONAI's ``StatsHandler`` and
-    ``TensorBoardStatsHandler``, the checkpoint savers, the closing summary, the prototype-bank log line), so one
-    process writes each file and each log line.
+    ``TensorBoardStatsHandler``, the checkpoint savers, the closing summary, the prototype-bank log line, the
+    TensorBoard overlays and the progress bar), so one process writes each file and each log line.
     """
     if process_rank() == 0:
         return list(handlers)
-    from scripts.handlers import PrototypeBankLogger
+    from scripts.handlers import PrototypeBankLogger, TensorBoardOverlays, TerminalProgressBar
 
     reporting = (StatsHandler, TensorBoardStatsHandler, BestMetricSaver, TrainingStateSaver, TrainingSummary,
-                 PrototypeBankLogger)
+                 PrototypeBankLogger, TensorBoardOverlays, TerminalProgressBar)
     return [handler for handler in handlers if not isinstance(handler, reporting)]
 
 

@@ -365,7 +365,13 @@ class SemiSupervisedTrainer(Trainer):
         warmup = self.contrast_warmup * total
         return 1.0 if warmup <= 0 else min(1.0, self.state.iteration / warmup)
 
-    def _iteration(self, engine: Engine, batchdata: dict) -> dict[str, float]:
+    def _iteration(self, engine: Engine, batchdata: dict) -> list[dict[str, float]]:
+        """One training step; ``engine.state.output`` becomes a one-item list holding the step's losses.
+
+        The list follows MONAI's trainers, whose output is decollated with the loss in every item: handlers written
+        for them (``from_engine(["loss"], first=True)``, as ``--tracking mlflow`` adds, or the stats handlers'
+        default ``output[0]``) read this trainer's output unchanged.
+        """
         method, tau, device = self.method, self.threshold, engine.state.device
         num_classes = unwrap_network(self.network).out_channels
         lab = _to_device(self._next("labeled"), device, self.non_blocking)
@@ -436,7 +442,7 @@ class SemiSupervisedTrainer(Trainer):
             if method.contrast:
                 loss = loss + self._contrast(contrast_emb, contrast_target, contrast_keep, num_classes, losses)
 
-        return self._step(engine, loss, losses, mask_ratio)
+        return [self._step(engine, loss, losses, mask_ratio)]
 
     def _contrast(self, hidden: list, targets: list, keeps: list, num_classes: int, losses: dict) -> torch.Tensor:
         """L_img and L_txt on sampled labeled and confident strong-view pixels; stores the bank's batch prototypes.

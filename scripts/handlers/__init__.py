@@ -1,13 +1,13 @@
-"""Ignite handlers: atomic checkpoints, resume, the run lock, and the end-of-training summary."""
+"""Ignite handlers: atomic checkpoints, resume, the run lock, progress, overlays and the end-of-training summary."""
 
 from .checkpoint import BestMetricSaver, ResumeFromCheckpoint, TrainedWeightsLoader, TrainingStateSaver, save_atomically
-from .evaluation import EvaluationReport, draw_overlay
+from .evaluation import EvaluationReport, TensorBoardOverlays, draw_overlay
 from .lock import LOCK_NAME, acquire_run_lock
 from .prototypes import PrototypeBankLogger, RandomState
-from .report import ProgressLogger, TrainingSummary, require_checkpoint
+from .report import ProgressLogger, TerminalProgressBar, TrainingSummary, require_checkpoint
 
 __all__ = [
     "BestMetricSaver", "ResumeFromCheckpoint", "TrainedWeightsLoader", "TrainingStateSaver", "save_atomically",
     "EvaluationReport", "draw_overlay", "LOCK_NAME", "acquire_run_lock", "PrototypeBankLogger", "RandomState",
-    "ProgressLogger", "TrainingSummary", "require_checkpoint",
+    "ProgressLogger", "TerminalProgressBar", "TrainingSummary", "require_checkpoint", "TensorBoardOverlays",
 ]

@@ -19,7 +19,7 @@ from scipy import ndimage
 from scripts.config import as_bool
 from scripts.data.images import read_rgb
 
-__all__ = ["EvaluationReport", "draw_overlay"]
+__all__ = ["EvaluationReport", "TensorBoardOverlays", "draw_overlay"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,63 @@ def _stats(values: Sequence[float]) -> dict:
         "n": len(finite),
         "n_not_finite": len(values) - len(finite),
     }
+
+
+def _mask(data: torch.Tensor) -> np.ndarray:
+    """Class map of a one-hot (C x H x W) or single-channel prediction or label."""
+    return (data.argmax(0) if data.shape[0] > 1 else data[0]).cpu().numpy()
+
+
+class TensorBoardOverlays:
+    """Writes contour overlays of the first validation images to TensorBoard after every validation.
+
+    Each image appears under ``validation/<image name>`` with the prediction's contours in green and the ground
+    truth's in yellow (as ``draw_overlay``), one step per validation (the trainer's epoch), so TensorBoard's slider
+    shows how the masks change during training. Images are drawn from their files at their own size and shrunk to
+    at most ``max_size`` pixels a side.
+
+    Args:
+        log_dir: TensorBoard folder (the trainer's ``output_dir``).
+        max_images: how many validation images to show; 0 turns the overlays off. Defaults to 4.
+        max_size: longest side of a written image. Defaults to 768.
+    """
+
+    def __init__(self, log_dir: str, max_images: int = 4, max_size: int = 768):
+        self.log_dir = str(log_dir)
+        self.max_images = int(max_images)
+        self.max_size = int(max_size)
+        if self.max_images < 0 or self.max_size < 16:
+            raise ValueError(f"TensorBoardOverlays: max_images={max_images} must be >= 0 (config key "
+                             f"'val_overlays') and max_size={max_size} >= 16.")
+        self._writer = None
+        self._images: list[tuple[str, np.ndarray]] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_images == 0:
+            return
+        engine.add_event_handler(Events.STARTED, lambda _: self._images.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            if len(self._images) >= self.max_images:
+                return
+            source = str(getattr(item["image"], "meta", {}).get("filename_or_obj", f"image_{len(self._images)}"))
+            label = out.get("label")
+            overlay = draw_overlay(read_rgb(source), _mask(out["pred"]), None if label is None else _mask(label))
+            picture = Image.fromarray(overlay)
+            picture.thumbnail((self.max_size, self.max_size))
+            self._images.append((os.path.splitext(os.path.basename(source))[0], np.asarray(picture)))
+
+    def _write(self, engine: Engine) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        for name, image in self._images:
+            self._writer.add_image(f"validation/{name}", image, global_step=engine.state.epoch, dataformats="HWC")
+        self._writer.flush()
 
 
 class EvaluationReport:
@@ -87,10 +144,9 @@ class EvaluationReport:
                     row[key] = str(item[key])
             self.rows.append(row)
             if self.overlays:
-                pred = out["pred"]
-                pred = (pred.argmax(0) if pred.shape[0] > 1 else pred[0]).cpu().numpy()
+                pred = _mask(out["pred"])
                 label = out.get("label")
-                truth = None if label is None else (label.argmax(0) if label.shape[0] > 1 else label[0]).cpu().numpy()
+                truth = None if label is None else _mask(label)
                 rgb = read_rgb(source)
                 folder = self.output_dir / "overlays"
                 folder.mkdir(parents=True, exist_ok=True)
