@@ -21,6 +21,9 @@ from tests.helpers import NET_ARGS, REPO, run_python, tiny_network
 
 APP = REPO / "scripts" / "deploy" / "app"
 ROI = [32, 32]
+# The tiny network's keys (NET_ARGS) as inference.json overrides, for the model exported without its record.
+NET_SETTINGS = {"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
+                "decoder_channels": [16, 16, 8, 8]}
 _, HAS_SDK = optional_import("monai.deploy.core")
 
 
@@ -62,7 +65,7 @@ def bundle_masks(model, images, tmp_path_factory):
 
 def test_operators_compute_writes_the_bundle_masks(model, images, bundle_masks, tmp_path):
     loader = ImageFolderLoader(images)
-    segmenter = TiledOnnxSegmenter(model, num_classes=2, roi_size=ROI, sw_batch_size=4, overlap=0.25)
+    segmenter = TiledOnnxSegmenter(model, {"roi_size": ROI})
     writer = MaskWriter(tmp_path, num_classes=2)
     written = [writer(image, segmenter(image)) for image in map(loader.load, loader.paths)]
     assert sorted(p.name for p in written) == sorted(bundle_masks)
@@ -88,8 +91,8 @@ def test_a_recorded_model_brings_its_window_and_image_scale(images, tmp_path):
     log = result.stdout + result.stderr
     assert "Network and window from" in log and "image_scale=0.5" in log, log[-3000:]
     loader = ImageFolderLoader(images)
-    segmenter = TiledOnnxSegmenter(model, num_classes=2)  # app.yaml's window would be 96: the record's 32 wins
-    assert segmenter.image_scale == 0.5 and list(segmenter.inferer.inferer.roi_size) == ROI
+    segmenter = TiledOnnxSegmenter(model)  # inference.json's window is 96: the record's 32 wins
+    assert segmenter.image_scale == 0.5 and list(segmenter.inferer.inferer.inferer.roi_size) == ROI  # Scaled(TTA(window))
     writer = MaskWriter(tmp_path / "app", num_classes=2)
     for image in map(loader.load, loader.paths):
         writer(image, segmenter(image))
@@ -124,13 +127,34 @@ def test_bad_model_path_is_named(model, tmp_path):
     (nested / "model.onnx").write_bytes(model.read_bytes())
     assert resolve_model_path(tmp_path / "models") == nested / "model.onnx"
     with pytest.raises(ConfigError, match="roi_size"):
-        TiledOnnxSegmenter(model, roi_size=[32])
+        TiledOnnxSegmenter(model, {"roi_size": [32]})
 
 
-def test_app_settings_match_inference_config():
-    settings = yaml.safe_load((APP / "app.yaml").read_text())["segmentation"]
-    infer = json.loads((REPO / "bundle/configs/inference.json").read_text())
-    assert settings == {key: infer[key] for key in ("num_classes", "roi_size", "sw_batch_size", "sw_overlap")}
+def test_post_processing_keys_reach_the_app_as_in_the_bundle(model, images, tmp_path):
+    """app.yaml's ``inference`` keys are inference.json keys: the GlaS post-processing gives the bundle's masks."""
+    post = {"min_object_size": 1000, "fill_holes": True}  # the 21 x 40 image (840 px) loses its object
+    result = run_python(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
+                         *NET_ARGS, "--roi_size", json.dumps(ROI), "--input_dir", images, "--backend", "onnx",
+                         "--onnx_path", model, "--output_dir", tmp_path / "bundle", "--min_object_size", 1000,
+                         "--fill_holes", "true"])
+    assert "broken.png" in result.stderr, result.stderr[-3000:]
+    expected = read_masks(tmp_path / "bundle")
+    loader = ImageFolderLoader(images)
+    segmenter = TiledOnnxSegmenter(model, {"roi_size": ROI, **post})
+    plain = TiledOnnxSegmenter(model, {"roi_size": ROI})
+    writer = MaskWriter(tmp_path / "app", num_classes=segmenter.num_classes)
+    changed = 0
+    for image in map(loader.load, loader.paths):
+        writer(image, segmenter(image))
+        changed += int(not np.array_equal(segmenter(image), plain(image)))
+    masks = read_masks(tmp_path / "app")
+    assert sorted(masks) == sorted(expected) and len(masks) == 5
+    for name in expected:
+        assert np.array_equal(masks[name], expected[name]), name
+    assert changed > 0, "the post-processing keys changed no mask; the test would not see them ignored"
+
+
+def test_app_yaml_version_matches_the_bundle():
     version = json.loads((REPO / "bundle/configs/metadata.json").read_text())["version"]
     assert str(yaml.safe_load((APP / "app.yaml").read_text())["application"]["version"]) == version
 
@@ -139,6 +163,8 @@ def test_stage_writes_the_map_source_folder(tmp_path):
     staged = stage_app(tmp_path / "map")
     assert (staged / "__main__.py").read_text() == (APP / "__main__.py").read_text()
     assert (staged / "scripts" / "deploy" / "app" / "compute.py").is_file()
+    assert (staged / "bundle" / "configs" / "inference.json").read_text() == (
+        REPO / "bundle" / "configs" / "inference.json").read_text()
     assert not list(staged.rglob("__pycache__"))
     requirements = [line for line in (staged / "requirements.txt").read_text().splitlines()
                     if line and not line.startswith("#")]
@@ -154,7 +180,7 @@ def test_stage_writes_the_map_source_folder(tmp_path):
 @pytest.mark.skipif(not HAS_SDK, reason="MONAI Deploy App SDK not installed (scripts/deploy/app/requirements.txt)")
 def test_application_end_to_end(model, images, bundle_masks, tmp_path, monkeypatch):
     settings = yaml.safe_load((APP / "app.yaml").read_text())
-    settings["segmentation"]["roi_size"] = ROI
+    settings["inference"] = {"roi_size": ROI, **NET_SETTINGS}
     (tmp_path / "app.yaml").write_text(yaml.safe_dump(settings))
     monkeypatch.setenv("HOLOSCAN_CONFIG_PATH", str(tmp_path / "app.yaml"))
     result = run_python(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out", "-m", model])
@@ -179,7 +205,7 @@ def test_staged_folder_runs_as_in_a_map(model, images, bundle_masks, tmp_path):
     (tmp_path / "models" / "gland").mkdir(parents=True)
     (tmp_path / "models" / "gland" / "model.onnx").write_bytes(model.read_bytes())
     settings = yaml.safe_load((staged / "app.yaml").read_text())
-    settings["segmentation"]["roi_size"] = ROI
+    settings["inference"] = {"roi_size": ROI, **NET_SETTINGS}
     (staged / "app.yaml").write_text(yaml.safe_dump(settings))
     env = {"PYTHONPATH": "", "HOLOSCAN_CONFIG_PATH": str(staged / "app.yaml"), "HOLOSCAN_INPUT_PATH": str(images),
            "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"), "HOLOSCAN_MODEL_PATH": str(tmp_path / "models")}

@@ -1,10 +1,13 @@
-"""Inference: input scanning with failure reports, flip test-time augmentation, post-processing and the outputs."""
+"""Inference: input scanning with failure reports, flip test-time augmentation, post-processing, the outputs, and
+``inference.json`` as one object for the MONAI Label and MONAI Deploy apps."""
 
 from .inputs import InferenceInputs, scan_inputs
 from .outputs import SavePredictiond
+from .pipeline import INFERENCE_CONFIG, InferencePipeline, InputError
 from .postprocess import GlandPostprocessd, postprocess_mask, split_touching_objects
 from .scale import ScaledInferer
 from .tta import FlipTTAInferer
 
 __all__ = ["InferenceInputs", "scan_inputs", "SavePredictiond", "FlipTTAInferer", "ScaledInferer",
-           "GlandPostprocessd", "postprocess_mask", "split_touching_objects"]
+           "GlandPostprocessd", "postprocess_mask", "split_touching_objects", "InferencePipeline", "InputError",
+           "INFERENCE_CONFIG"]

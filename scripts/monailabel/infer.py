@@ -1,9 +1,9 @@
 """The MONAI Label infer task ``gland``: the bundle's ``inference.json`` pipeline behind MONAI Label's API.
 
 Preprocessing, the network (rebuilt from the record in ``model.pt``), the sliding window, flip test-time
-augmentation and the gland post-processing all come from ``inference.json`` through MONAI's ``ConfigParser``, so a
-suggestion in QuPath is the mask ``python -m monai.bundle run inference`` writes for the same image. The weights are
-reloaded when ``model.pt`` changes (a training run publishing a better model).
+augmentation and the gland post-processing all come from ``inference.json`` (``scripts.inference.InferencePipeline``,
+MONAI's ``ConfigParser``), so a suggestion in QuPath is the mask ``python -m monai.bundle run inference`` writes for
+the same image. The weights are reloaded when ``model.pt`` changes (a training run publishing a better model).
 """
 
 from __future__ import annotations
@@ -11,32 +11,24 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
-from scripts.errors import ConfigError
+from scripts.inference.pipeline import InferencePipeline, InputError
 from scripts.monailabel.annotations import annotation_result, mask_polygons
-from scripts.networks import load_trained_weights
 
 __all__ = ["GlandPipeline", "GlandInferTask", "InputError"]
 
 logger = logging.getLogger(__name__)
 
 
-class InputError(ConfigError):
-    """An image sent for segmentation cannot be read; the message names it."""
-
-
-class GlandPipeline:
-    """``inference.json``'s preprocessing, network, window and post-processing, one image at a time.
+class GlandPipeline(InferencePipeline):
+    """``inference.json``'s pipeline (``scripts.inference.InferencePipeline``) for the bundle folder of the app.
 
     Args:
         bundle_root: the bundle folder (holds ``configs/inference.json``; in this repository ``bundle``).
@@ -48,83 +40,16 @@ class GlandPipeline:
     def __init__(self, bundle_root: str | os.PathLike, model_path: str | os.PathLike, device: str | None = None,
                  overrides: dict | None = None):
         self.bundle_root = Path(bundle_root)
-        self.config_file = self.bundle_root / "configs" / "inference.json"
-        if not self.config_file.is_file():
-            raise FileNotFoundError(f"{self.config_file} not found: 'bundle_root' must be the bundle folder.")
-        self.model_path = Path(model_path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.overrides = dict(overrides or {})
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._parts: dict[str, Any] = {}
-
-    def available(self) -> bool:
-        return self.model_path.is_file()
-
-    def _model_stamp(self) -> tuple[int, int]:
-        stat = self.model_path.stat()
-        return stat.st_mtime_ns, stat.st_size
-
-    def _build(self) -> None:
-        parser = ConfigParser()
-        parser.read_config(str(self.config_file))
-        settings = {"bundle_root": str(self.bundle_root), "ckpt_path": str(self.model_path), "backend": "pytorch",
-                    "device": self.device, "output_dir": tempfile.gettempdir(), **self.overrides}
-        for key, value in settings.items():
-            parser[key] = value
-        network = parser.get_parsed_content("network")
-        load_trained_weights(network, self.model_path)
-        network.eval()
-        inferers = {}
-        for tta in (False, True):
-            parser["tta"] = tta
-            inferers[tta] = parser.get_parsed_content("inferer", lazy=False)
-        self._parts = {
-            "network": network,
-            "preprocessing": parser.get_parsed_content("preprocessing"),
-            "inferers": inferers,
-            "post": {key: parser.get_parsed_content(key) for key in ("min_object_size", "fill_holes", "split_touching")},
-            "settings": parser.get_parsed_content("model_settings"),
-        }
-        logger.info("Loaded %s (network %s)", self.model_path, self._parts["settings"])
+        config_file = self.bundle_root / "configs" / "inference.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: 'bundle_root' must be the bundle folder.")
+        super().__init__(model_path, config_file, backend="pytorch", device=device, overrides=overrides)
 
     def parts(self) -> dict[str, Any]:
-        """The built pipeline; rebuilt when ``model.pt`` changed since the last call."""
-        with self._lock:
-            if not self.model_path.is_file():
-                raise FileNotFoundError(f"No trained model at {self.model_path}: train first (POST /train/gland) or "
-                                        "copy a model.pt there.")
-            stamp = self._model_stamp()
-            if stamp != self._stamp:
-                self._build()
-                self._stamp = stamp
-            return self._parts
-
-    def probabilities(self, image: str | os.PathLike | np.ndarray, tta: bool = False) -> torch.Tensor:
-        """Softmax probabilities (C x H x W, the input's size) of an image file or an H x W x 3 uint8 array."""
-        parts = self.parts()
-        with tempfile.TemporaryDirectory() as folder:
-            if isinstance(image, np.ndarray):  # a slide region: the same loader as files, through a lossless PNG
-                path = Path(folder) / "region.png"
-                Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8)).save(path)
-                image = path
-            try:
-                data = parts["preprocessing"]({"image": str(image)})
-            except Exception as err:  # MONAI wraps reader errors in RuntimeError
-                raise InputError(f"Image '{image}' cannot be read as an RGB image ({str(err).splitlines()[0][:200]}); "
-                                 "send a PNG, JPEG or TIFF tile.") from err
-        batch = torch.as_tensor(data["image"])[None].to(self.device)
-        with torch.no_grad():
-            logits = parts["inferers"][bool(tta)](batch, parts["network"])
-        return torch.softmax(logits.float(), dim=1)[0].cpu()
-
-    def segment(self, image: str | os.PathLike | np.ndarray, tta: bool = False) -> np.ndarray:
-        """The post-processed class-index mask (H x W, uint8) of an image file or array."""
-        from scripts.inference import postprocess_mask
-
-        post = self.parts()["post"]
-        mask = self.probabilities(image, tta).argmax(0).numpy().astype(np.uint8)
-        return postprocess_mask(mask, **post).astype(np.uint8)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"No trained model at {self.model_path}: train first (POST /train/gland) or "
+                                    "copy a model.pt there.")
+        return super().parts()
 
 
 class GlandInferTask(InferTask):

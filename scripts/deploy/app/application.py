@@ -2,8 +2,9 @@
 
 Paths come from the SDK's options and variables: ``-i`` / ``HOLOSCAN_INPUT_PATH`` (folder of images),
 ``-o`` / ``HOLOSCAN_OUTPUT_PATH`` (mask folder), ``-m`` / ``HOLOSCAN_MODEL_PATH`` (``.onnx`` file or a folder
-holding one). The sliding-window settings come from the ``segmentation`` section of the YAML file named by
-``HOLOSCAN_CONFIG_PATH`` (set inside a MAP), else of the ``app.yaml`` next to this module.
+holding one). The segmentation is the bundle's ``inference.json`` (backend onnx); the ``inference`` section of the
+YAML file named by ``HOLOSCAN_CONFIG_PATH`` (set inside a MAP), else of the ``app.yaml`` next to this module,
+overrides its keys.
 Importing this module needs the MONAI Deploy App SDK.
 """
 
@@ -47,17 +48,15 @@ class GlandSegmentationApp(Application):
 
     def compose(self):
         context = init_app_context(self.argv)
-        settings = dict(self.kwargs("segmentation"))
+        overrides = dict(self.kwargs("inference") or {})
         self.loader = ImageFolderLoader(context.input_path)
-        segmenter = TiledOnnxSegmenter(context.model_path, num_classes=settings["num_classes"],
-                                       roi_size=settings["roi_size"], sw_batch_size=settings["sw_batch_size"],
-                                       overlap=settings["sw_overlap"])
+        segmenter = TiledOnnxSegmenter(context.model_path, overrides)
         logger.info("Segmenting %d images of %s with %s (%s) into %s", len(self.loader.paths), context.input_path,
                     segmenter.network.path, segmenter.network.session.get_providers()[0], context.output_path)
         load = LoadImagesOperator(self, CountCondition(self, len(self.loader.paths)), loader=self.loader,
                                   name="load_images")
         segment = OnnxSegmentationOperator(self, segmenter=segmenter, name="segment")
-        self.writer = WriteMasksOperator(self, writer=MaskWriter(context.output_path, settings["num_classes"]),
+        self.writer = WriteMasksOperator(self, writer=MaskWriter(context.output_path, segmenter.num_classes),
                                          name="write_masks")
         self.add_flow(load, segment, {("image", "image")})
         self.add_flow(segment, self.writer, {("image", "image"), ("pred", "pred")})

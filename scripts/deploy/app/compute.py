@@ -1,8 +1,9 @@
 """What the MONAI Deploy operators compute, as plain classes that run and are tested without the SDK.
 
-Each step matches the bundle's ``inference.json`` with ``backend: onnx``: the same image reading (PIL, RGB), the
-same ImageNet normalisation on the 0..255 scale, the same Gaussian-blended sliding window, softmax and argmax, and
-the same mask writer, so the application writes the masks ``monai.bundle run inference`` writes.
+The segmentation is the bundle's ``inference.json`` with ``backend: onnx``, parsed by MONAI's ``ConfigParser``
+(``scripts.inference.InferencePipeline``): normalisation, window, softmax, argmax and gland post-processing are not
+copied here. Images are read as the config's preprocessing reads them (PIL, RGB) and masks written by the same
+writer, so the application writes the masks ``monai.bundle run inference`` writes.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import SlidingWindowInferer
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensity
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from scripts.data import IMAGENET_MEAN_255, IMAGENET_STD_255, EnsureRGBd, read_image
-from scripts.deploy.onnx import OnnxSegmenter
+from scripts.data import EnsureRGBd, read_image
 from scripts.errors import ConfigError
-from scripts.inference import InferenceInputs, SavePredictiond, ScaledInferer, scan_inputs
-from scripts.networks.record import stored_record
+from scripts.inference import InferenceInputs, InferencePipeline, SavePredictiond, scan_inputs
 
 __all__ = ["ImageFolderLoader", "TiledOnnxSegmenter", "MaskWriter", "resolve_model_path"]
 
@@ -101,42 +99,37 @@ class ImageFolderLoader:
 
 
 class TiledOnnxSegmenter:
-    """Class indices for one image of any size from an exported model, through a Gaussian-blended sliding window.
+    """Post-processed class indices for one image of any size from an exported model, as ``inference.json`` does.
 
-    A model exported with its record (``export-onnx`` of a recorded ``model.pt``) brings its own window and image
-    scale: the window replaces ``roi_size`` (logged when they differ), and the image is resized by the scale before
-    the window and the logits back after it, as ``inference.json`` does (``ScaledInferer``).
+    Everything comes from the bundle's ``inference.json`` (``scripts.inference.InferencePipeline`` with
+    ``backend: onnx``): the normalisation, the Gaussian-blended sliding window with the model's own window and image
+    scale (from the ONNX file's record), softmax, argmax and the gland post-processing. ``overrides`` sets other keys
+    of that config, as the ``inference`` section of ``app.yaml`` does.
 
     Args:
         model_path: the ``.onnx`` file, or a folder holding exactly one.
-        num_classes: classes the model predicts. Defaults to 2.
-        roi_size: window size, multiples of the encoder's patch size, for a model without a record. Defaults to
-            (96, 96), as inference.json.
-        sw_batch_size: windows per ONNX Runtime call. Defaults to 4.
-        overlap: window overlap. Defaults to 0.25.
-        providers: ONNX Runtime providers. Defaults to CUDA when available, else CPU.
+        overrides: keys of ``inference.json`` (e.g. ``{"sw_batch_size": 8, "min_object_size": 1600}``; ``roi_size``
+            only matters for a model exported without its record). Defaults to None.
+        config_file: the inference config. Defaults to the bundle's ``configs/inference.json``.
     """
 
-    def __init__(self, model_path: str | os.PathLike, num_classes: int = 2, roi_size: Sequence[int] = (96, 96),
-                 sw_batch_size: int = 4, overlap: float = 0.25, providers: list[str] | None = None):
-        if len(roi_size) != 2 or min(roi_size) < 1:
-            raise ConfigError(f"roi_size={list(roi_size)}: give two positive sides, e.g. [96, 96].")
+    def __init__(self, model_path: str | os.PathLike, overrides: dict | None = None,
+                 config_file: str | os.PathLike | None = None):
+        overrides = dict(overrides or {})
+        roi_size = overrides.get("roi_size")
+        if roi_size is not None and (len(roi_size) != 2 or min(roi_size) < 1):
+            raise ConfigError(f"roi_size={list(roi_size)} (app.yaml, section 'inference'): give two positive sides, "
+                              "e.g. [96, 96].")
         path = resolve_model_path(model_path)
-        self.network = OnnxSegmenter(path, num_classes, providers=providers)
-        self.normalize = NormalizeIntensity(subtrahend=IMAGENET_MEAN_255, divisor=IMAGENET_STD_255, channel_wise=True)
-        record = stored_record(path, "-m") or {}
-        window, self.image_scale = list(record.get("roi_size") or roi_size), float(record.get("image_scale") or 1.0)
-        if record and window != list(roi_size):
-            logger.info("Model %s was trained with the window %s; it replaces roi_size %s.", path, window, list(roi_size))
-        self.inferer = ScaledInferer(SlidingWindowInferer(roi_size=window, sw_batch_size=sw_batch_size,
-                                                          overlap=overlap, mode="gaussian"), scale=self.image_scale)
+        self.pipeline = InferencePipeline(path, config_file, backend="onnx", overrides=overrides)
+        parts = self.pipeline.parts()
+        self.network, self.inferer = parts["network"], parts["inferers"][False]
+        self.image_scale = float(parts["settings"]["image_scale"])
+        self.num_classes = int(parts["settings"]["num_classes"])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """``image``: 3 x H x W on the 0..255 scale; returns 1 x H x W class indices."""
-        batch = torch.as_tensor(self.normalize(image), dtype=torch.float32)[None]
-        with torch.no_grad():
-            logits = self.inferer(batch, self.network)
-        return torch.softmax(logits, dim=1).argmax(dim=1)
+        return torch.from_numpy(self.pipeline.segment_tensor(image).astype(np.int64))[None]
 
 
 class MaskWriter:

@@ -1,8 +1,9 @@
 """Stages the folder that ``monai-deploy package`` turns into a MONAI Application Package (MAP).
 
 ``python -m scripts.deploy.app.stage --out dist/map`` writes ``__main__.py`` (the application's entry point),
-``scripts/`` (the package it imports), ``app.yaml`` and ``requirements.txt`` (the repository's pins plus the
-SDK's), which is the layout the packager expects of a Python application folder.
+``scripts/`` (the package it imports), ``bundle/configs/inference.json`` (the segmentation recipe, where
+``scripts`` looks for it), ``app.yaml`` and ``requirements.txt`` (the repository's pins plus the SDK's), which is
+the layout the packager expects of a Python application folder.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from scripts.errors import ConfigError
+from scripts.inference.pipeline import INFERENCE_CONFIG
 
 __all__ = ["stage_app"]
 
@@ -34,6 +36,9 @@ def stage_app(out: str | os.PathLike = "dist/map") -> Path:
     if not REQUIREMENTS.is_file():
         raise ConfigError(f"'{REQUIREMENTS}' is missing; stage the application from a checkout of the repository.")
     shutil.copytree(SCRIPTS, target / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    configs = target / "bundle" / "configs"
+    configs.mkdir(parents=True)
+    shutil.copy2(INFERENCE_CONFIG, configs / "inference.json")
     for name in ("__main__.py", "app.yaml"):
         shutil.copy2(APP_DIR / name, target / name)
     (target / "requirements.txt").write_text(
