@@ -6,7 +6,7 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 
-from .gland_objects import gland_object_metrics
+from .gland_objects import object_dice, object_f1, object_hausdorff
 
 __all__ = ["GlandObjectMetric"]
 
@@ -30,6 +30,9 @@ class GlandObjectMetric(CumulativeIterationMetric):
             raise ValueError(f"name='{name}' is not object_f1, object_dice or object_hausdorff.")
         self.name = name
         self.reduction = reduction
+        # Only the named metric: evaluate.json has one handler per metric, so computing all three in each handler
+        # did the object matching three times over.
+        self._metric = {"object_f1": object_f1, "object_dice": object_dice, "object_hausdorff": object_hausdorff}[name]
 
     @staticmethod
     def _foreground(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +41,7 @@ class GlandObjectMetric(CumulativeIterationMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         pred = self._foreground(y_pred).cpu().numpy()
         truth = (y[:, 0] if y.shape[1] == 1 else y.argmax(1)).cpu().numpy()
-        values = [gland_object_metrics(p.astype("uint8"), t)[self.name] for p, t in zip(pred, truth)]
+        values = [self._metric(p.astype("uint8"), t) for p, t in zip(pred, truth)]
         return torch.tensor(values, dtype=torch.float32)[:, None]
 
     def aggregate(self, reduction: str | None = None):
