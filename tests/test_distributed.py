@@ -169,3 +169,36 @@ def test_a_preset_without_contrast_trains_and_a_step_bad_on_one_process_is_skipp
     assert rank0["skipped_steps"] == rank1["skipped_steps"] == 1
     for key in ("network", "optimizer"):
         assert_same(rank0[key], rank1[key], key)
+
+
+def _evaluate(config_files: list[Path], datalist, model: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1
+                else [])
+    files = "[" + ",".join(f"'{f}'" for f in config_files) + "]"
+    cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "evaluating", "--config_file", files,
+           "--datalist", str(datalist), "--ckpt_path", str(model), "--eval_dir", str(out / "eval"),
+           "--output_dir", str(out / "runs"), "--bundle_root", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+def test_a_sharded_evaluation_writes_the_report_of_one_process(two_ranks, tmp_path):
+    """multi_gpu_evaluate.json: 5 test images split 3 + 2 over two processes give the one-process report."""
+    from scripts.data import ensure_demo_dataset
+
+    datalist = ensure_demo_dataset(tmp_path / "demo", seed=1, n_labeled=2, n_unlabeled=2, n_validation=2, n_test=5,
+                                   image_size=(96, 128))
+    model = two_ranks / "rank0" / "models" / "model.pt"
+    evaluate = [TRAIN, TRAIN.parent / "evaluate.json"]
+    _evaluate(evaluate, datalist, model, tmp_path / "one", 1)
+    result = _evaluate([*evaluate, TRAIN.parent / "multi_gpu_evaluate.json"], datalist, model, tmp_path / "two", 2)
+    log = result.stdout + result.stderr
+    assert "Evaluated 3/3 images" in log and "Evaluated 2/2 images" in log  # each process its own share
+    one, two = tmp_path / "one" / "eval", tmp_path / "two" / "eval"
+    assert (two / "per_image.csv").read_text() == (one / "per_image.csv").read_text()
+    assert json.loads((two / "summary.json").read_text()) == json.loads((one / "summary.json").read_text())
+    assert json.loads((one / "summary.json").read_text())["n_images"] == 5
+    assert sorted(p.name for p in (two / "overlays").iterdir()) == sorted(p.name for p in (one / "overlays").iterdir())
+    assert len(list((two / "overlays").iterdir())) == 5

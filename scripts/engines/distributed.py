@@ -138,16 +138,16 @@ def main_process_handlers(handlers: Sequence) -> list:
     return [handler for handler in handlers if not isinstance(handler, reporting)]
 
 
-def check_validation_shards(images: int) -> None:
-    """Stops when some process would get no validation image (each process validates its share of the set).
+def check_validation_shards(images: int, section: str = "validation") -> None:
+    """Stops when some process would get no image of ``section`` (each process takes its share of the set).
 
     Raises:
-        ConfigError: fewer validation images than processes.
+        ConfigError: fewer images than processes.
     """
     if images < world_size():
         raise ConfigError(
-            f"The 'validation' set has {images} images, fewer than the {world_size()} processes, which validate a "
-            "share each. Start fewer processes (--nproc_per_node) or add 'validation' images."
+            f"The '{section}' set has {images} images, fewer than the {world_size()} processes, which take a "
+            f"share each. Start fewer processes (--nproc_per_node) or add '{section}' images."
         )
 
 

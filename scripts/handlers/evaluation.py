@@ -109,6 +109,9 @@ class TensorBoardOverlays:
 class EvaluationReport:
     """Writes ``per_image.csv``, ``summary.json`` and, optionally, ``overlays/<name>_overlay.png``.
 
+    Under torchrun (``multi_gpu_evaluate.json``) every process draws the overlays of its own images, and the first
+    process writes one report of all images, in the data set's order, as one process would.
+
     Per-image values come from the evaluator's metric details (the metrics are computed once, by their
     handlers). Rows carry the datalist's grouping fields when present (``subset`` for GlaS testA / testB,
     ``class`` for EBHI-SEG, ``grade``, ``model``), and the summary gives mean, std and count overall and for each
@@ -153,15 +156,35 @@ class EvaluationReport:
                 stem = os.path.splitext(os.path.basename(source))[0]
                 Image.fromarray(draw_overlay(rgb, pred, truth)).save(folder / f"{stem}_overlay.png")
 
+    def _gathered_rows(self) -> tuple[list[dict], list[int]]:
+        """Every process's rows, concatenated in process order (the order MONAI gathers metric details in), and
+        the permutation that puts them back in the data set's order.
+
+        Under torchrun the test set is split as ``multi_gpu_evaluate.json``'s ``DistributedSampler`` splits it (no
+        shuffling, no padding): process r holds images r, r + N, r + 2N, ... With one process nothing moves.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.rows, list(range(len(self.rows)))
+        shards: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shards, self.rows)
+        offsets = np.cumsum([0] + [len(shard) for shard in shards])
+        total, count = int(offsets[-1]), len(shards)
+        order = [int(offsets[k % count]) + k // count for k in range(total)]
+        return [row for shard in shards for row in shard], order
+
     def _write(self, engine: Engine) -> None:
         details = getattr(engine.state, "metric_details", {})
+        rows, order = self._gathered_rows()
         for name in self.metric_names:
             values = details.get(name)
             if values is None:
                 raise KeyError(f"EvaluationReport: metric '{name}' kept no per-image details (save_details).")
-            values = torch.as_tensor(values).float().reshape(len(self.rows), -1).nanmean(dim=1)
-            for row, value in zip(self.rows, values.tolist()):
+            values = torch.as_tensor(values).float().reshape(len(rows), -1).nanmean(dim=1)
+            for row, value in zip(rows, values.tolist()):
                 row[name] = value
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # the first process writes the report of all
+        self.rows = [rows[i] for i in order]
         self.output_dir.mkdir(parents=True, exist_ok=True)
         columns = ["image"] + [k for k in self.group_keys if any(k in r for r in self.rows)] + self.metric_names
         with open(self.output_dir / "per_image.csv", "w", newline="") as handle:
