@@ -202,3 +202,41 @@ def test_a_sharded_evaluation_writes_the_report_of_one_process(two_ranks, tmp_pa
     assert json.loads((one / "summary.json").read_text())["n_images"] == 5
     assert sorted(p.name for p in (two / "overlays").iterdir()) == sorted(p.name for p in (one / "overlays").iterdir())
     assert len(list((two / "overlays").iterdir())) == 5
+
+
+def _infer(config_files: list[Path], images: Path, model: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1
+                else [])
+    files = "[" + ",".join(f"'{f}'" for f in config_files) + "]"
+    cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "inference", "--config_file", files,
+           "--input_dir", str(images), "--ckpt_path", str(model), "--output_dir", str(out), "--bundle_root", str(out)]
+    return subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_sharded_folder_inference_writes_each_mask_once_as_one_process(two_ranks, tmp_path):
+    """multi_gpu_inference.json: 5 images (and an unreadable file) over two processes give the one-process masks."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(64, 96), (40, 40), (96, 128), (70, 50), (33, 81)]):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images / f"tile_{i}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    model = two_ranks / "rank0" / "models" / "model.pt"
+    inference = TRAIN.parent / "inference.json"
+    one = _infer([inference], images, model, tmp_path / "one", 1)
+    two = _infer([inference, TRAIN.parent / "multi_gpu_inference.json"], images, model, tmp_path / "two", 2)
+    # The unreadable file is reported as by one process (by the first process only) and the run fails after the others.
+    reports = [(r.stdout + r.stderr).count("1 of 6 images in") for r in (one, two)]
+    assert one.returncode != 0 and two.returncode != 0 and reports[0] > 0 and reports[1] == reports[0], \
+        (two.stdout + two.stderr)[-4000:]
+    log = two.stdout + two.stderr
+    assert "Segmented 3/3 images" in log and "Segmented 2/2 images" in log, log[-4000:]
+    masks = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / "one").glob("*_mask.png")}
+    sharded = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / "two").glob("*_mask.png")}
+    assert sorted(masks) == [f"tile_{i}_mask.png" for i in range(5)] and sharded.keys() == masks.keys()
+    for name, mask in masks.items():
+        assert np.array_equal(sharded[name], mask), name

@@ -127,14 +127,16 @@ def main_process_handlers(handlers: Sequence) -> list:
 
     Left out on ranks above 0: the handlers that log, write files or report (MONAI's ``StatsHandler`` and
     ``TensorBoardStatsHandler``, the checkpoint savers, the closing summary, the prototype-bank log line, the
-    TensorBoard overlays and the progress bar), so one process writes each file and each log line.
+    TensorBoard overlays, the progress bar, and the inference report of unreadable input files, which every process
+    found when it scanned the folder), so one process writes each file and each log line.
     """
     if process_rank() == 0:
         return list(handlers)
     from scripts.handlers import PrototypeBankLogger, TensorBoardOverlays, TerminalProgressBar
+    from scripts.inference import InferenceInputs
 
     reporting = (StatsHandler, TensorBoardStatsHandler, BestMetricSaver, TrainingStateSaver, TrainingSummary,
-                 PrototypeBankLogger, TensorBoardOverlays, TerminalProgressBar)
+                 PrototypeBankLogger, TensorBoardOverlays, TerminalProgressBar, InferenceInputs)
     return [handler for handler in handlers if not isinstance(handler, reporting)]
 
 
