@@ -261,7 +261,7 @@ def test_bad_segmenter_settings():
 
 
 def test_bundle_runs_whole_slide_inference(slide, tmp_path):
-    from tests.test_onnx import NET_ARGS, tiny_network
+    from tests.helpers import NET_ARGS, tiny_network
 
     torch.save({"model": tiny_network().state_dict()}, tmp_path / "model.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
