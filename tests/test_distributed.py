@@ -240,3 +240,45 @@ def test_a_sharded_folder_inference_writes_each_mask_once_as_one_process(two_ran
     assert sorted(masks) == [f"tile_{i}_mask.png" for i in range(5)] and sharded.keys() == masks.keys()
     for name, mask in masks.items():
         assert np.array_equal(sharded[name], mask), name
+
+
+def test_a_sharded_slide_run_segments_each_slide_once_as_one_process(tmp_path):
+    """inference_wsi.json + multi_gpu_inference.json: 3 slides over two processes (2 + 1) give the one-process
+    masks and summaries."""
+    import numpy as np
+    import tifffile
+
+    from scripts.wsi import write_synthetic_slide
+    from tests.helpers import NET_ARGS, tiny_network
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(3):
+        write_synthetic_slide(slides / f"s{i}.tif", 300, 400, tile=128, mpp=0.5, seed=i, variants=2)
+    torch.save({"model": tiny_network().state_dict()}, tmp_path / "model.pt")
+    configs = [TRAIN.parent / "inference.json", TRAIN.parent / "inference_wsi.json"]
+    runs = {}
+    for processes, files in ((1, configs), (2, [*configs, TRAIN.parent / "multi_gpu_inference.json"])):
+        out = tmp_path / f"out{processes}"
+        launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1
+                    else [])
+        listed = "[" + ",".join(f"'{f}'" for f in files) + "]"
+        cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", listed, *NET_ARGS,
+               "--roi_size", "[64,64]", "--slides", str(slides), "--ckpt_path", str(tmp_path / "model.pt"),
+               "--wsi_output_dir", str(out), "--wsi_tile_size", "256", "--bundle_root", str(tmp_path)]
+        result = subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        runs[processes] = (out, result.stdout + result.stderr)
+    log = runs[2][1]
+    assert "Slide 1/2" in log and "Slide 2/2" in log and "Slide 1/1" in log  # process shares of 2 and 1 slides
+    for i in range(3):
+        masks = []
+        for processes in (1, 2):
+            out = runs[processes][0]
+            with tifffile.TiffFile(out / f"s{i}_mask.tif") as tif:
+                masks.append(tif.pages[0].asarray())
+            summary = json.loads((out / f"s{i}_summary.json").read_text())
+            masks.append({k: v for k, v in summary.items() if k not in ("seconds", "outputs")})  # time, own folder
+        assert np.array_equal(masks[0], masks[2]), f"s{i}"
+        assert masks[1] == masks[3], f"s{i}"

@@ -153,6 +153,25 @@ def check_validation_shards(images: int, section: str = "validation") -> None:
         )
 
 
+def shard_sampler(dataset, section: str = "input"):
+    """MONAI's ``DistributedSampler`` over ``dataset`` for evaluation or inference: process r takes items r, r + N,
+    r + 2N, ... (no shuffling, no padding, so each item is done once).
+
+    Raises:
+        ConfigError: fewer items than processes (a process would have nothing to do, which Ignite refuses).
+    """
+    from monai.data import DistributedSampler
+
+    check_validation_shards(len(dataset), section)
+    return DistributedSampler(dataset, even_divisible=False, shuffle=False)
+
+
+def process_share(items: Sequence[T]) -> list[T]:
+    """This process's share of ``items`` (items r, r + N, ...; all of them without a process group), e.g. the
+    slides one process of a sharded whole-slide run segments."""
+    return list(items)[process_rank()::world_size()]
+
+
 def all_reduce_sum_(*tensors: torch.Tensor) -> None:
     """Sums each tensor over all processes, in place (nothing without a process group)."""
     if is_distributed():
