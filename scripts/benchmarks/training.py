@@ -1,7 +1,7 @@
 """Training speed: the bundle's trainer against a plain loop over the same step, on the same batches.
 
     python -m scripts.benchmarks.training [--method mpamatch] [--encoder_name NAME] [--iterations 12] \\
-        [--warmup 2] [--recipe bundle/configs/recipes/cpu.json] [--amp true] [--peak_tflops 989]
+        [--warmup 2] [--recipe bundle/configs/recipes/cpu.json] [--amp true] [--compile true] [--peak_tflops 989]
 
 Two runs of ``train.json`` on the demo data, measured after ``--warmup`` iterations:
 
@@ -55,6 +55,7 @@ def _sync(device) -> None:
 
 def main(method: str = "mpamatch", encoder_name: str | None = None, iterations: int = 12, warmup: int = 2,
          recipe: str | None = None, amp: bool | None = None, peak_tflops: float | None = None,
+         compile: bool | None = None,
          labeled_batch_size: int | None = None, unlabeled_batch_size: int | None = None) -> dict:
     """Prints the trainer's and the plain loop's seconds per iteration and the overhead; returns the figures."""
     import torch
@@ -76,6 +77,8 @@ def main(method: str = "mpamatch", encoder_name: str | None = None, iterations: 
             settings["encoder_name"] = encoder_name
         if amp is not None:
             settings["amp"] = as_bool(amp, "amp")
+        if compile is not None:  # torch.compile of the forward passes (train.json's key); compiling happens in the warm-up
+            settings["compile"] = as_bool(compile, "compile")
         if labeled_batch_size:
             settings["labeled_batch_size"] = int(labeled_batch_size)
         if unlabeled_batch_size:
