@@ -356,7 +356,7 @@ def onnx_app(corpus, checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     model = export_onnx(network, folder / "model.onnx", example_size=(2, 3, 32, 32), check_sizes=[(1, 3, 32, 48)])
     loader = ImageFolderLoader(corpus / "images")
-    segmenter = TiledOnnxSegmenter(model, num_classes=2, roi_size=(32, 32))
+    segmenter = TiledOnnxSegmenter(model, {"roi_size": [32, 32]})
     writer = MaskWriter(folder / "masks")
     loaded = {Path(path).name: loader.load(path) for path in loader.paths}
     for image in loaded.values():
