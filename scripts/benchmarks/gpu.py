@@ -3,7 +3,7 @@
     python -m scripts.benchmarks.gpu --out results/            # on a CUDA machine
     python -m scripts.benchmarks.gpu --out /tmp/g --smoke true  # the same plumbing on a CPU, tiny sizes
 
-Each check runs as its own command with a time limit (four commands: inference runs once per encoder), its log
+Each check runs as its own command with a time limit (five commands: inference runs once per encoder), its log
 written to ``--out``; ``gpu_report.md`` and ``gpu_report.json`` are rewritten after each, so a check that fails
 or runs out of time, or a run stopped from outside, leaves the results of those that finished:
 
@@ -12,7 +12,10 @@ or runs out of time, or a run stopped from outside, leaves the results of those 
    ``amp_dtype``) on the demo data; seconds per step, validation Dice and peak GPU memory from the log;
 2. ``inference``: ``scripts.benchmarks.inference`` with bf16 for ``vit_small`` and ``uni`` (PyTorch on the GPU;
    ONNX Runtime with its CUDA provider where onnxruntime-gpu has one, else the provider it names);
-3. ``wsi``: ``scripts.benchmarks.wsi`` on a generated 16384 x 16384 slide with the GPU.
+3. ``wsi``: ``scripts.benchmarks.wsi`` on a generated 16384 x 16384 slide with the GPU;
+4. ``trainer``: ``scripts.benchmarks.training`` with bf16 and the UNI-size encoder: the trainer against a bare
+   loop over the same steps, peak GPU memory and the model FLOPs utilisation against the H200's dense bf16 peak
+   (989 TFLOP/s).
 
 ``docs/benchmarks.md`` ("GPU checks") describes the checks and their options.
 """
@@ -88,7 +91,7 @@ def _table_rows(log: str) -> list[str]:
 
 
 def main(out: str = "gpu_results", smoke: bool = False, timeout: int = 240) -> str:
-    """Runs the three checks and writes ``<out>/gpu_report.md``; returns its path."""
+    """Runs the four checks and writes ``<out>/gpu_report.md``; returns its path."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = _environment()
@@ -100,12 +103,15 @@ def main(out: str = "gpu_results", smoke: bool = False, timeout: int = 240) -> s
                      "--unlabeled_batch_size", "2", "--text_cfg", "{'layers': 1, 'width': 64, 'heads': 2}"]
         encoders, wsi = ["vit_tiny"], ["--sizes", "[2048]", "--encoder_name", "vit_tiny", "--tissue_tiles", "1"]
         bench = ["--tiles", "8", "--repeats", "1"]
+        trainer = ["--encoder_name", "vit_tiny", "--iterations", "2", "--warmup", "1"]
     else:
         train_net = ["--encoder_name", "uni", "--roi_size", "[256,256]", "--labeled_batch_size", "8",
                      "--unlabeled_batch_size", "8", "--skip_channels", "[512,256,64]",
                      "--decoder_channels", "[256,128,64,16]"]
         encoders, wsi = ["vit_small", "uni"], ["--sizes", "[16384]", "--encoder_name", "vit_small"]
         bench = ["--tiles", "256", "--repeats", "3"]
+        trainer = ["--encoder_name", "uni", "--iterations", "8", "--warmup", "2", "--labeled_batch_size", "8",
+                   "--unlabeled_batch_size", "8", "--amp", "true", "--peak_tflops", "989"]
     records: list[dict] = []
     report = out_dir / "gpu_report.md"
 
@@ -136,6 +142,9 @@ def main(out: str = "gpu_results", smoke: bool = False, timeout: int = 240) -> s
     result = _run("wsi", [python, "-m", "scripts.benchmarks.wsi", "--workdir", str(out_dir / "wsi"), *wsi],
                   out_dir, timeout)
     record(result | {"table": _table_rows(result["log"])})
+    result = _run("trainer", [python, "-m", "scripts.benchmarks.training", *trainer], out_dir, timeout)
+    record(result | {"table": [line for line in result["log"].splitlines()
+                               if line.startswith("|") or "peak_memory_gb" in line or "gflops_per_it" in line]})
     print(report.read_text(), flush=True)
     return str(report)
 
