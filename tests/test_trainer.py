@@ -137,17 +137,23 @@ def test_batch_prototypes_pool_every_valid_labeled_pixel_not_the_infonce_sample(
     assert present.all()
 
 
+def _contrast_trainer(demo_data, tmp_path, method, pixels_per_class, seed):
+    """A trainer with embed_dim 8, its contrast inputs (``_contrast_inputs``) and a prototype bank already fed once."""
+    parser = parser_for(demo_data, tmp_path, method=method, embed_dim=8, pixels_per_class=pixels_per_class)
+    trainer = parser.get_parsed_content("train#trainer")
+    hidden, _, targets, keeps = _contrast_inputs(trainer, seed=seed)
+    bank = parser.get_parsed_content("prototype_bank")
+    bank.update(torch.nn.functional.normalize(torch.randn(2, 8), dim=1), torch.ones(2, dtype=torch.bool))
+    return trainer, bank, hidden, targets, keeps
+
+
 def test_infonce_on_projected_sample_equals_the_whole_map_embeddings(demo_data, tmp_path):
     """L_img and its gradient are those of projecting the whole map and picking the sampled pixels."""
     from scripts.engines import gather_contrast_pixels
     from scripts.losses import prototype_infonce
 
-    parser = parser_for(demo_data, tmp_path, method="mpamatch_img", embed_dim=8, pixels_per_class=5)
-    trainer = parser.get_parsed_content("train#trainer")
+    trainer, bank, hidden, targets, keeps = _contrast_trainer(demo_data, tmp_path, "mpamatch_img", 5, seed=2)
     head = trainer.network.projection_head
-    hidden, _, targets, keeps = _contrast_inputs(trainer, seed=2)
-    bank = parser.get_parsed_content("prototype_bank")
-    bank.update(torch.nn.functional.normalize(torch.randn(2, 8), dim=1), torch.ones(2, dtype=torch.bool))
     losses = {}
     torch.manual_seed(0)
     trainer._contrast(hidden, targets, keeps, 2, losses)
@@ -165,11 +171,7 @@ def test_infonce_on_projected_sample_equals_the_whole_map_embeddings(demo_data, 
 
 
 def test_contrastive_terms_run_in_float32_under_bf16_autocast(demo_data, tmp_path):
-    parser = parser_for(demo_data, tmp_path, method="mpamatch", embed_dim=8, pixels_per_class=1000)
-    trainer = parser.get_parsed_content("train#trainer")
-    hidden, _, targets, keeps = _contrast_inputs(trainer, seed=1)
-    bank = parser.get_parsed_content("prototype_bank")
-    bank.update(torch.nn.functional.normalize(torch.randn(2, 8), dim=1), torch.ones(2, dtype=torch.bool))
+    trainer, _, hidden, targets, keeps = _contrast_trainer(demo_data, tmp_path, "mpamatch", 1000, seed=1)
     reference = {}
     torch.manual_seed(0)
     trainer._contrast(hidden, targets, keeps, 2, reference)
