@@ -223,18 +223,36 @@ def _reference_object_metrics(pred, truth):
     g_area, s_area = sum(g.sum() for g in gt), sum(s.sum() for s in seg)
     term_g = sum(g.sum() / g_area * (dice(g, seg[ov[:, i].argmax()]) if ov[:, i].max() > 0 else 0) for i, g in enumerate(gt))
     term_s = sum(s.sum() / s_area * (dice(s, gt[ov[j].argmax()]) if ov[j].max() > 0 else 0) for j, s in enumerate(seg))
-    return f1, 0.5 * (term_g + term_s)
+
+    def boundary(mask):
+        return np.argwhere(mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), dtype=bool), border_value=0))
+
+    def hausdorff(a, b):
+        d = np.sqrt(((boundary(a)[:, None, :] - boundary(b)[None, :, :]) ** 2).sum(-1))
+        return max(d.min(1).max(), d.min(0).max())
+
+    def partner(obj, others, counts):
+        if counts.max() > 0:
+            return hausdorff(obj, others[int(counts.argmax())])
+        return min(hausdorff(obj, other) for other in others)
+
+    haus_g = sum(g.sum() / g_area * partner(g, seg, ov[:, i]) for i, g in enumerate(gt))
+    haus_s = sum(s.sum() / s_area * partner(s, gt, ov[j]) for j, s in enumerate(seg))
+    return f1, 0.5 * (term_g + term_s), 0.5 * (haus_g + haus_s)
 
 
-def test_object_metrics_of_speckled_masks_match_the_definitions():
-    rng = np.random.default_rng(3)
+@pytest.mark.parametrize("seed, id_step", [(3, 1), (5, 7)])
+def test_object_metrics_of_speckled_masks_match_the_definitions(seed, id_step):
+    rng = np.random.default_rng(seed)
     truth = np.zeros((60, 80), dtype=np.int64)
     for k in range(1, 7):
         y, x = rng.integers(5, 50), rng.integers(5, 70)
-        truth[y - 4:y + 5, x - 5:x + 6] = k  # later glands overwrite earlier ones where they touch
+        truth[y - 4:y + 5, x - 5:x + 6] = k * id_step  # later glands overwrite earlier ones where they touch
     pred = ((truth > 0) & (rng.random(truth.shape) > 0.1)) | (rng.random(truth.shape) > 0.97)
     pred = pred.astype(np.uint8) * 255
-    f1, dice = _reference_object_metrics(pred, truth)
+    f1, dice, hausdorff = _reference_object_metrics(pred, truth)
     assert object_f1(pred, truth) == pytest.approx(f1, abs=1e-12)
     assert object_dice(pred, truth) == pytest.approx(dice, abs=1e-12)
+    # speckles that touch no gland take the nearest gland in Hausdorff distance, one distance matrix for all glands
+    assert object_hausdorff(pred, truth) == pytest.approx(hausdorff, abs=1e-9)
     assert 0 < f1 < 0.5  # speckles are false positives

@@ -47,27 +47,53 @@ def instances(mask: np.ndarray, threshold: float = 0, instance_labels: bool = Tr
 
 
 class _Objects:
-    """The objects of an instance map: areas, bounding boxes and (lazily) boundary points, without one full-image
-    mask per object, so that a prediction with thousands of speckles costs one pass over the pixels."""
+    """The objects of an instance map: areas and boundary points, without one full-image mask per
+    object, so that a prediction with thousands of speckles costs a few passes over the pixels."""
 
     def __init__(self, labels: np.ndarray):
-        ids, inverse = np.unique(labels, return_inverse=True)
-        inverse = inverse.reshape(labels.shape)
-        self.labels = inverse if ids[0] == 0 else inverse + 1  # objects numbered 1..n, 0 = background
-        self.n = int(self.labels.max())
-        self.areas = np.bincount(self.labels.ravel(), minlength=self.n + 1)[1:]
-        self.boxes = ndimage.find_objects(self.labels, max_label=self.n)
-        self._boundaries: dict[int, np.ndarray] = {}
+        labels = np.asarray(labels)
+        if labels.size and labels.min() < 0:
+            raise ValueError(f"instance ids must be >= 0, got {labels.min()}")
+        counts = np.bincount(labels.ravel())
+        ids = np.flatnonzero(counts[1:]) + 1
+        if len(ids) and ids[-1] != len(ids):  # ids with gaps (an annotation with objects removed): number 1..n
+            table = np.zeros(len(counts), dtype=np.int64)
+            table[ids] = np.arange(1, len(ids) + 1)
+            labels = table[labels]
+            counts = np.bincount(labels.ravel(), minlength=len(ids) + 1)
+        self.labels = labels
+        self.n = len(ids)
+        self.areas = counts[1:self.n + 1]
+        self._boundaries: tuple[np.ndarray, np.ndarray] | None = None
+
+    def boundaries(self) -> tuple[np.ndarray, np.ndarray]:
+        """Boundary pixels of every object: (P x 2 coordinates grouped by object, n + 1 offsets into them), so
+        that object ``i`` (0-based) owns rows ``offsets[i]:offsets[i + 1]``.
+
+        A boundary pixel is an object pixel with an 8-neighbour outside its object (the image border counts as
+        outside), as a 3 x 3 erosion defines it; one pass over the image finds them for all objects at once.
+        """
+        if self._boundaries is None:
+            padded = np.pad(self.labels, 1)
+            inner = padded[1:-1, 1:-1]
+            edge = np.zeros(inner.shape, dtype=bool)
+            height, width = inner.shape
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    if dy or dx:
+                        edge |= padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width] != inner
+            edge &= inner > 0
+            points = np.argwhere(edge)
+            owner = inner[edge]
+            order = np.argsort(owner, kind="stable")
+            offsets = np.searchsorted(owner[order], np.arange(1, self.n + 2))
+            self._boundaries = points[order].astype(np.float64), offsets
+        return self._boundaries
 
     def boundary(self, i: int) -> np.ndarray:
         """Boundary pixel coordinates (K x 2) of object ``i`` (0-based)."""
-        if i not in self._boundaries:
-            box = self.boxes[i]
-            obj = np.pad(self.labels[box] == i + 1, 1)
-            edge = obj & ~ndimage.binary_erosion(obj, structure=np.ones((3, 3), dtype=bool), border_value=0)
-            offset = np.array([box[0].start - 1, box[1].start - 1], dtype=np.float64)
-            self._boundaries[i] = np.argwhere(edge).astype(np.float64) + offset
-        return self._boundaries[i]
+        points, offsets = self.boundaries()
+        return points[offsets[i]:offsets[i + 1]]
 
 
 def _overlaps(a: _Objects, b: _Objects) -> np.ndarray:
@@ -119,8 +145,29 @@ def object_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def _hausdorff(a: np.ndarray, b: np.ndarray) -> float:
     """Symmetric Hausdorff distance between two boundary point sets, in pixels."""
-    d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
-    return float(max(d.min(1).max(), d.min(0).max()))
+    d2 = (a[:, None, 0] - b[None, :, 0]) ** 2 + (a[:, None, 1] - b[None, :, 1]) ** 2
+    return float(np.sqrt(max(d2.min(1).max(), d2.min(0).max())))
+
+
+def _nearest_hausdorff(points: np.ndarray, others: _Objects, block: int = 1 << 20) -> float:
+    """The smallest Hausdorff distance between one boundary point set and any object of ``others``.
+
+    One distance matrix against every boundary point of ``others`` (in row blocks of at most ``block`` entries),
+    reduced object by object, where a loop over the objects would build one small matrix per pair: a speckle that
+    touches no gland is compared with all glands, and a missed gland with every speckle.
+    """
+    targets, offsets = others.boundaries()
+    starts = offsets[:-1]
+    to_others = np.zeros(others.n)  # per object: the largest distance from a point of the set to that object
+    from_others = np.full(len(targets), np.inf)  # per target point: its distance to the set
+    rows = max(1, block // len(targets))
+    for start in range(0, len(points), rows):
+        part = points[start:start + rows]
+        d2 = (part[:, None, 0] - targets[None, :, 0]) ** 2 + (part[:, None, 1] - targets[None, :, 1]) ** 2
+        to_others = np.maximum(to_others, np.minimum.reduceat(d2, starts, axis=1).max(0))
+        from_others = np.minimum(from_others, d2.min(0))
+    back = np.maximum.reduceat(from_others, starts)  # per object: the largest distance from it to the set
+    return float(np.sqrt(np.maximum(to_others, back).min()))
 
 
 def object_hausdorff(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -135,7 +182,7 @@ def object_hausdorff(pred: np.ndarray, truth: np.ndarray) -> float:
     def partner(objects: _Objects, i: int, others: _Objects, counts: np.ndarray) -> float:
         if counts.max() > 0:
             return _hausdorff(objects.boundary(i), others.boundary(int(counts.argmax())))
-        return min(_hausdorff(objects.boundary(i), others.boundary(j)) for j in range(others.n))
+        return _nearest_hausdorff(objects.boundary(i), others)
 
     term_gt = sum(gt.areas[i] / gt.areas.sum() * partner(gt, i, seg, overlap[i]) for i in range(gt.n))
     term_seg = sum(seg.areas[j] / seg.areas.sum() * partner(seg, j, gt, overlap[:, j]) for j in range(seg.n))
