@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from scripts.data import ensure_demo_dataset
 from scripts.errors import ConfigError
-from scripts.prototypes.text import build_text_tower, encode_text_features
+from scripts.networks import build_text_tower, encode_text_features
 
 __all__ = ["demo_data", "text_prototypes", "export_onnx", "prepare_glas", "study"]
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from scripts.errors import ConfigError
 from scripts.losses import prototype_infonce
-from scripts.prototypes import ConchTokenizer, PromptTextPrototypes, build_conch_text_tower, build_text_prototypes
-from scripts.prototypes.text import encode_text_features
+from scripts.networks import ConchTokenizer, build_conch_text_tower, encode_text_features
+from scripts.prototypes import PromptTextPrototypes, build_text_prototypes
 
 TINY = {"context_length": 24, "vocab_size": 400, "width": 32, "heads": 4, "layers": 2, "embed_dim": 16}
 PAD, BOS, EOS = 0, 1, 2  # CONCH's ids for <pad>, <start_of_text>, <end_of_text>
@@ -141,10 +141,10 @@ def test_checkpoint_loads_strictly_and_matches_conch(checkpoint, tokenizer_file)
 
 
 @pytest.mark.parametrize("edit, named", [
-    (lambda s: s.pop("text.cls_emb"), "missing (1) ['text.cls_emb']"),
+    (lambda s: s.pop("text.cls_emb"), "missing keys (1): text.cls_emb"),
     (lambda s: s.update({"text.positional_embedding": torch.zeros(77, TINY["width"])}),
      "text.positional_embedding (file (77, 32), model (24, 32))"),
-    (lambda s: s.update({"text.attn_pool.query": torch.zeros(2)}), "unexpected (1) ['text.attn_pool.query']"),
+    (lambda s: s.update({"text.attn_pool.query": torch.zeros(2)}), "unexpected keys (1): text.attn_pool.query"),
 ])
 def test_misfitting_checkpoint_names_the_keys(tmp_path, tokenizer_file, edit, named):
     state = conch_state()

@@ -1,5 +1,6 @@
 """Promises the repository makes to users: CI runs the README's test command, configs agree with each other."""
 
+import ast
 import json
 import subprocess
 from pathlib import Path
@@ -84,3 +85,45 @@ def test_the_hook_leaves_other_errors_their_traceback():
     code = "from scripts.errors import install_excepthook\ninstall_excepthook()\nraise KeyError('bug')\n"
     result = run_python(["-c", code])
     assert result.returncode == 1 and "Traceback" in result.stderr and "KeyError: 'bug'" in result.stderr
+
+
+def _imports_between_modules(package: Path) -> dict[str, set[str]]:
+    """Module name -> the package's modules it imports, counting imports inside functions too (a lazy import
+    hides a circle from Python, not from a reader)."""
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        home = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(home[:len(home) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                    else node.module
+                targets.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                               for alias in node.names)
+        graph[name] = {target for target in targets if target in modules and target != name}
+    return graph
+
+
+def test_scripts_has_no_import_circle():
+    graph = _imports_between_modules(REPO / "scripts")
+    assert len(graph) > 50 and graph["scripts.prototypes.text"] >= {"scripts.networks.text_towers"}
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            pytest.fail("import circle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name not in done:
+            path.append(name)
+            for target in sorted(graph[name]):
+                visit(target)
+            path.pop()
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from scripts.errors import ConfigError
-from scripts.prototypes import FixedTextPrototypes, PromptTextPrototypes, build_text_prototypes, build_text_tower
+from scripts.networks import build_text_tower
+from scripts.prototypes import FixedTextPrototypes, PromptTextPrototypes, build_text_prototypes
 from scripts.losses import prototype_infonce
 
 TINY_TEXT = {"layers": 1}

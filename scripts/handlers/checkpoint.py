@@ -19,7 +19,7 @@ from ignite.engine import Engine, Events
 
 from scripts.config import as_bool
 from scripts.errors import ConfigError
-from scripts.networks.checkpoint import load_trained_weights, read_checkpoint
+from scripts.networks.weights import load_trained_weights, read_checkpoint
 
 __all__ = ["save_atomically", "BestMetricSaver", "TrainingStateSaver", "ResumeFromCheckpoint", "TrainedWeightsLoader"]
 

@@ -10,7 +10,7 @@ import time
 from ignite.engine import Engine, Events
 
 from scripts.errors import ConfigError
-from scripts.networks.checkpoint import TRAIN_FIRST
+from scripts.networks.weights import TRAIN_FIRST
 
 __all__ = ["TrainingSummary", "ProgressLogger", "TerminalProgressBar", "require_checkpoint"]
 

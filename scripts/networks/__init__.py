@@ -1,9 +1,13 @@
-"""Networks: the UNI-TransUNet segmentation model and its ViT encoder presets."""
+"""Networks: the UNI-TransUNet segmentation model, its ViT encoder presets, the frozen text towers and the one
+module that reads every weights file (``weights.py``)."""
 
-from .checkpoint import initialised, load_trained_weights, read_checkpoint
+from .weights import (TRAIN_FIRST, initialised, load_trained_weights, read_checkpoint, read_state_dict, state_misfit,
+                      strip_prefix)
 from .record import NETWORK_KEYS, WINDOW_KEYS, model_record, stored_record, trained_settings
-from .encoders import ENCODER_PRESETS, build_encoder, encoder_patch_size, load_encoder_weights, read_state_dict
+from .encoders import ENCODER_PRESETS, build_encoder, encoder_patch_size, load_encoder_weights
 from .transunet import CascadedDecoder, ProjectionHead, SkipStem, TransUNetOutput, UNITransUNet
+from .conch import ConchTokenizer, build_conch_text_tower
+from .text_towers import build_text_tower, encode_text_features
 
 __all__ = [
     "ENCODER_PRESETS",
@@ -11,9 +15,12 @@ __all__ = [
     "encoder_patch_size",
     "load_encoder_weights",
     "read_state_dict",
+    "strip_prefix",
+    "state_misfit",
     "load_trained_weights",
     "initialised",
     "read_checkpoint",
+    "TRAIN_FIRST",
     "NETWORK_KEYS",
     "WINDOW_KEYS",
     "model_record",
@@ -24,4 +31,8 @@ __all__ = [
     "SkipStem",
     "CascadedDecoder",
     "ProjectionHead",
+    "build_text_tower",
+    "encode_text_features",
+    "build_conch_text_tower",
+    "ConchTokenizer",
 ]

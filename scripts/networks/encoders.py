@@ -7,8 +7,7 @@ checkpoint. Weights are never downloaded: ``pretrained=False`` always, and a loc
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import timm
 import torch
@@ -17,7 +16,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from scripts.errors import ConfigError
 
-__all__ = ["ENCODER_PRESETS", "build_encoder", "load_encoder_weights", "read_state_dict", "encoder_patch_size"]
+from .weights import read_state_dict, state_misfit, strip_prefix
+
+__all__ = ["ENCODER_PRESETS", "build_encoder", "load_encoder_weights", "encoder_patch_size"]
 
 # Each preset: the timm architecture name and the kwargs that reproduce a checkpoint's layout.
 # `dynamic_img_size=True` and `num_classes=0` are added to every preset by `build_encoder`.
@@ -101,46 +102,6 @@ def encoder_patch_size(encoder: VisionTransformer) -> int:
     return int(patch[0])
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads a state dict from ``.bin``, ``.pth``, ``.pt`` or ``.safetensors`` without executing pickled code.
-
-    A checkpoint that wraps its weights under a single ``state_dict``, ``model`` or ``network`` key is unwrapped.
-
-    Raises:
-        ConfigError: for a missing file, an unsupported suffix or a file that holds no tensors.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"Weights file '{path}' does not exist. Download the weights yourself (UNI's are gated on the "
-            "Hugging Face hub) and set 'encoder_weights' to the local file's path, or set it to null to train "
-            "from random initialisation."
-        )
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    elif suffix in (".bin", ".pth", ".pt"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated file or a pickle with non-tensor objects
-            raise ConfigError(f"Cannot read weights file '{path}': {err}") from err
-    else:
-        raise ConfigError(f"Weights file '{path}' has suffix '{suffix}'; use .bin, .pth, .pt or .safetensors.")
-    for wrapper in ("state_dict", "model", "network"):
-        if isinstance(state, Mapping) and set(state) == {wrapper}:
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"Weights file '{path}' does not hold a state dict of tensors.")
-    return dict(state)
-
-
-def _short_list(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_encoder_weights(encoder: torch.nn.Module, path: str | os.PathLike, preset: str) -> None:
     """Loads a local weights file into ``encoder`` strictly: every key present, none extra, every shape equal.
 
@@ -152,29 +113,12 @@ def load_encoder_weights(encoder: torch.nn.Module, path: str | os.PathLike, pres
     Raises:
         ConfigError: listing missing keys, unexpected keys and shape mismatches when the file does not fit.
     """
-    state = read_state_dict(path)
     # UNI checkpoints are saved from the bare encoder; a few exporters prefix the keys.
-    for prefix in ("module.", "encoder.", "model."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(state)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys ({len(missing)}): {_short_list(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys ({len(unexpected)}): {_short_list(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches ({len(mismatched)}): {_short_list(mismatched)}")
+    state = strip_prefix(read_state_dict(path), ("module.", "encoder.", "model."))
+    problems = state_misfit(encoder.state_dict(), state)
+    if problems:
         raise ConfigError(
-            f"Weights file '{path}' does not fit encoder preset '{preset}': " + "; ".join(problems) + ". "
+            f"Weights file '{path}' does not fit encoder preset '{preset}': {problems}. "
             "Check that 'encoder_name' names the architecture the weights were trained with "
             f"(presets: {sorted(ENCODER_PRESETS)})."
         )

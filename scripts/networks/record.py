@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from scripts.config import as_bool
 from scripts.errors import ConfigError
 
-from .checkpoint import read_checkpoint
+from .weights import read_checkpoint
 
 __all__ = ["NETWORK_KEYS", "WINDOW_KEYS", "ONNX_RECORD_KEY", "model_record", "stored_record", "trained_settings",
            "command_line_keys"]

@@ -3,7 +3,7 @@
 Three sources, chosen by the config key ``text_source``:
 
 - ``prompt``: a frozen text tower built offline, weights from a local file: an open_clip architecture by name
-  (PLIP / QuiltNet / CLIP-compatible) or CONCH's (``text_arch: conch``, ``conch.py``); M learnable context vectors
+  (PLIP / QuiltNet / CLIP-compatible) or CONCH's (``text_arch: conch``, ``scripts/networks/conch.py``); M learnable context vectors
   are prepended to each class description ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every
   step, so the context learns;
 - ``file``: fixed prototypes read from a ``.pt`` file (``python -m scripts.cli text-prototypes`` writes one);
@@ -26,10 +26,10 @@ from torch import nn
 
 from scripts.config import as_bool
 from scripts.errors import ConfigError
-from scripts.networks.encoders import read_state_dict
+from scripts.networks.text_towers import build_text_tower, encode_text_features
 
 __all__ = ["TextPrototypes", "PromptTextPrototypes", "FixedTextPrototypes", "RandomTextPrototypes",
-           "build_text_prototypes", "build_text_tower", "encode_text_features", "describe_state_misfit"]
+           "build_text_prototypes"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,65 +100,6 @@ class _ContextEmbedding(nn.Module):
         return torch.cat([tokens[:, :1], ctx, tokens[:, 1 + n_ctx:]], dim=1)
 
 
-def describe_state_misfit(expected: dict, state: dict, limit: int = 8) -> str:
-    """Empty when ``state`` has exactly the keys and shapes of ``expected``; else its missing, unexpected and
-    mis-shaped keys (at most ``limit`` of each)."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(f"{key} (file {tuple(state[key].shape)}, model {tuple(expected[key].shape)})"
-                        for key in set(expected) & set(state) if state[key].shape != expected[key].shape)
-    kinds = (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched))
-    return "; ".join(f"{kind} ({len(keys)}) {keys[:limit]}" for kind, keys in kinds if keys)
-
-
-def build_text_tower(arch: str, weights: str | os.PathLike | None = None, text_cfg: dict | None = None,
-                     tokenizer_file: str | os.PathLike | None = None):
-    """A frozen text tower without any image tower, weights from a local file. Returns (model, tokenizer).
-
-    Args:
-        arch: ``"conch"`` for CONCH's text tower, or an open_clip architecture name, e.g. ``"ViT-B-16"``.
-        weights: local checkpoint of the whole model or of its text tower; image-tower keys are ignored.
-        text_cfg: overrides of the architecture's text config (e.g. fewer layers for tests).
-        tokenizer_file: CONCH's tokenizer JSON; required for ``"conch"``, refused otherwise (open_clip
-            architectures bring their own tokenizer).
-    """
-    if arch == "conch":
-        from .conch import build_conch_text_tower  # imported here: conch.py uses this module's helpers
-
-        return build_conch_text_tower(weights, tokenizer_file, text_cfg)
-    if tokenizer_file:
-        raise ConfigError(f"text_tokenizer is set, but only text_arch 'conch' reads a tokenizer file; '{arch}' "
-                          "brings its own. Set text_tokenizer to null, or text_arch to 'conch'.")
-    import open_clip
-
-    if arch not in open_clip.list_models():
-        raise ConfigError(
-            f"Unknown text encoder architecture '{arch}' (config key 'text_arch'); use 'conch' or an open_clip name "
-            "such as 'ViT-B-16' (python -c \"import open_clip; print(open_clip.list_models())\" lists them)."
-        )
-    kwargs = {}
-    if text_cfg:
-        base = open_clip.get_model_config(arch)["text_cfg"]
-        kwargs["text_cfg"] = {**base, **text_cfg}
-    model = open_clip.create_model(arch, pretrained=None, **kwargs)
-    model.visual = None  # the image tower is never used; free its memory
-    if weights:
-        state = read_state_dict(weights)
-        state = {k: v for k, v in state.items() if not k.startswith("visual.")}
-        expected = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
-        problems = describe_state_misfit(expected, state)
-        if problems:
-            raise ConfigError(
-                f"Text weights '{weights}' do not fit open_clip architecture '{arch}': {problems}. Check "
-                "'text_arch' (CONCH's checkpoint needs text_arch 'conch' and text_tokenizer, see docs/method.md)."
-            )
-        model.load_state_dict(state, strict=False)
-    model.requires_grad_(False)
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
-    return model, tokenizer
-
-
 class PromptTextPrototypes(TextPrototypes):
     """CoOp prompts through a frozen text tower (docs/method.md, "Text prototypes").
 
@@ -226,12 +167,6 @@ class PromptTextPrototypes(TextPrototypes):
         super().train(mode)
         self.model.eval()  # the frozen tower always runs as at inference
         return self
-
-
-def encode_text_features(model: nn.Module, custom_text: bool, token_ids: torch.Tensor) -> torch.Tensor:
-    """Pooled, projected text features; CoCa-style towers also return token features, which are dropped."""
-    features = model.text(token_ids) if custom_text else model.encode_text(token_ids)
-    return features[0] if isinstance(features, tuple) else features
 
 
 class FixedTextPrototypes(TextPrototypes):

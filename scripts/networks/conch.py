@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from scripts.errors import ConfigError
-from scripts.networks.encoders import read_state_dict
 
-from .text import describe_state_misfit
+from .weights import read_state_dict, state_misfit, strip_prefix
 
 __all__ = ["CONCH_TEXT_CFG", "ConchTokenizer", "ConchText", "build_conch_text_tower", "load_conch_text_weights"]
 
@@ -130,11 +129,9 @@ def load_conch_text_weights(model: ConchText, path: str | os.PathLike) -> None:
     if not Path(path).expanduser().is_file():
         raise ConfigError(f"Text weights file '{path}' does not exist (config key 'text_weights'); give CONCH's "
                           "pytorch_model.bin downloaded from its publisher, or null for a random tower.")
-    state = read_state_dict(path)
-    if state and all(key.startswith("module.") for key in state):  # saved from a DataParallel wrapper
-        state = {key[len("module."):]: value for key, value in state.items()}
+    state = strip_prefix(read_state_dict(path), ("module.",))  # module.: saved from a DataParallel wrapper
     state = {key: value for key, value in state.items() if not key.startswith(IGNORED_PREFIXES)}
-    problems = describe_state_misfit(model.state_dict(), state)
+    problems = state_misfit(model.state_dict(), state)
     if problems:
         raise ConfigError(
             f"Text weights '{path}' do not fit CONCH's text tower (text_arch 'conch'): {problems}. Give CONCH's "
