@@ -29,7 +29,7 @@ from scripts.data import ensure_demo_dataset
 from scripts.errors import ConfigError
 from scripts.networks import build_text_tower, encode_text_features
 
-__all__ = ["demo_data", "text_prototypes", "export_onnx", "prepare_glas", "study"]
+__all__ = ["demo_data", "text_prototypes", "export_onnx", "study", "commands"]
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json"
 
@@ -107,18 +107,6 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     return str(export(network, out, tuple(example_size), record=record))
 
 
-def prepare_glas(root: str, out: str = "datalist.json", labeled_ratio: float = 0.1, labeled_count: int | None = None,
-                 validation_ratio: float = 0.15, validation_count: int | None = None, seed: int = 0) -> str:
-    """GlaS datalist: stratified labeled / unlabeled / validation splits of the training images, test = testA + testB.
-
-    Example: ``python -m scripts.cli prepare glas --root /data/GlaS --labeled_ratio 0.1 --seed 0 --out datalist.json``
-    """
-    from scripts.data.adapters import glas_datalist
-
-    return str(glas_datalist(root, out, labeled_ratio=labeled_ratio, labeled_count=labeled_count,
-                             validation_ratio=validation_ratio, validation_count=validation_count, seed=seed))
-
-
 def _path_of(function):
     """Wraps an adapter so the CLI prints the written datalist's path."""
 
@@ -130,10 +118,10 @@ def _path_of(function):
 
 
 def _prepare_commands() -> dict:
-    from scripts.data import adapters
+    """``prepare <name>`` for every data set of the adapter registry (scripts/data/adapters/registry.py)."""
+    from scripts.data.adapters import ADAPTERS
 
-    return {"glas": prepare_glas, "ebhi": _path_of(adapters.ebhi_datalist), "kpi": _path_of(adapters.kpi_datalist),
-            "folder": _path_of(adapters.folder_datalist), "csv": _path_of(adapters.csv_datalist)}
+    return {name: _path_of(adapter.datalist) for name, adapter in ADAPTERS.items()}
 
 
 def pack(out_dir: str = "dist", model: str | None = None) -> str:

@@ -134,6 +134,27 @@ def test_glas_test_set_is_grade_stratified_or_the_official_one(tmp_path):
         build_datalists("glas", root, tmp_path / "c", [0.2], adapter_args={"seed": 3})
 
 
+def test_an_adapter_registered_once_is_offered_by_prepare_and_the_study(tmp_path, monkeypatch):
+    from scripts.cli import commands
+    from scripts.data.adapters import ADAPTERS, Adapter, folder
+    from scripts.study import data_names
+    from scripts.study.runner import parse_args
+
+    assert set(commands()["prepare"]) == set(ADAPTERS)
+    assert data_names() == ("glas", "ebhi_gland", "ebhi_cancer", "kpi", "folder", "demo")
+    monkeypatch.setitem(ADAPTERS, "my_lab", Adapter(folder.folder_datalist, {"my_lab": {"test_ratio": 0.0}},
+                                                    folder.study_scan, folder.study_layout))
+    assert "my_lab" in commands()["prepare"] and "my_lab" in data_names()
+    assert parse_args(["--data", "my_lab", "--root", str(tmp_path), "--out", str(tmp_path / "o")]).data == "my_lab"
+    root = _fake_folder(tmp_path / "data")
+    written = commands()["prepare"]["my_lab"](root, tmp_path / "prepared.json", validation_ratio=0.25)
+    assert len(load_sections(written)["validation"]) == 3
+    sections = load_sections(build_datalists("my_lab", root, tmp_path / "study", [0.5], test_count=3)[0.5])
+    assert len(sections["test"]) == 3 and len(sections["unlabeled"]) >= 3
+    with pytest.raises(ConfigError, match="--data 'nope' is not one of"):
+        build_datalists("nope", root, tmp_path / "none", [0.5])
+
+
 # --- a tiny real study ----------------------------------------------------------------------------------------------
 
 

@@ -28,25 +28,27 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-from scripts.data.adapters import ebhi_datalist, folder_datalist, glas_datalist, kpi_datalist, read_glas_grades
-from scripts.data.adapters.glas import scan_glas
-from scripts.data.adapters.kpi import kpi_base, scan_kpi_split
-from scripts.data.adapters.common import natural_key, resolve_count, stratified_pick, write_datalist
+from scripts.data.adapters import Adapter, study_adapters
+from scripts.data.adapters.common import StudyData, load_sections, resolve_count, stratified_pick, write_datalist
 from scripts.errors import ConfigError
 
-__all__ = ["DATA_NAMES", "TEST_SEED", "StudyData", "build_datalists", "datalist_path", "ratio_label", "load_sections"]
+__all__ = ["data_names", "TEST_SEED", "StudyData", "build_datalists", "datalist_path", "ratio_label", "load_sections",
+           "scan_data", "check_adapter_args"]
 
 logger = logging.getLogger(__name__)
 
-DATA_NAMES = ("glas", "ebhi_gland", "ebhi_cancer", "kpi", "folder", "demo")
+
+
+def data_names() -> tuple[str, ...]:
+    """The study's ``--data`` names: the adapters' study names (scripts/data/adapters/registry.py), then the
+    generated demo set."""
+    return (*study_adapters(), "demo")
 TEST_SEED = 0
 # Adapter arguments the study sets itself; --adapter_args may not change them.
 _STUDY_ARGS = {"root", "out", "labeled_ratio", "labeled_count", "seed", "test_ratio", "preset"}
-_SECTIONS = ("training", "unlabeled", "validation", "test")
 
 
 def ratio_label(ratio: float) -> str:
@@ -59,65 +61,6 @@ def datalist_path(out: Path, ratio: float) -> Path:
     return Path(out) / "datalists" / f"ratio_{ratio_label(ratio)}.json"
 
 
-def load_sections(path: str | os.PathLike) -> dict[str, list[dict]]:
-    """The four sections of a datalist with absolute paths (relative ones start from the datalist's folder)."""
-    path = Path(path)
-    content = json.loads(path.read_text())
-    sections = {}
-    for key in _SECTIONS:
-        entries = []
-        for entry in content.get(key, []):
-            item = dict(entry)
-            for name in ("image", "label"):
-                if name in item:
-                    item[name] = os.path.normpath(str(path.parent / item[name]))
-            entries.append(item)
-        sections[key] = entries
-    return sections
-
-
-@dataclass
-class StudyData:
-    """What the study knows about a data set before splitting it.
-
-    Args:
-        pool: annotated training images (``image``, ``label``, ``group`` and the adapter's fields), absolute paths.
-        unlabeled: training images without annotation, kept unlabeled in every datalist.
-        test: the test entries when they come from ``--test_root`` or the demo's own section, else None.
-        extra: data-set specific paths (the KPI validation folder, the demo's validation section).
-    """
-
-    pool: list[dict]
-    unlabeled: list[dict] = field(default_factory=list)
-    test: list[dict] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _adapter_scan(adapter: Callable, root: Path, scratch: Path, **kwargs) -> dict[str, list[dict]]:
-    """Runs an adapter with every image labeled and nothing held out, so it lists (and checks) the whole set."""
-    out = adapter(root, scratch / "scan.json", labeled_ratio=1.0, validation_ratio=0.0, **kwargs)
-    return load_sections(out)
-
-
-def _glas_files(root: Path) -> list[dict]:
-    """GlaS images with their annotations and grades, via the adapter's own file rules."""
-    if not root.is_dir():
-        raise ConfigError(f"GlaS folder '{root}' does not exist (--root / --test_root).")
-    items, problems = scan_glas(root)
-    if problems:
-        raise ConfigError(f"GlaS folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
-    grades = read_glas_grades(root)
-    return [{"image": str(Path(i["image"]).resolve()), "label": str(Path(i["label"]).resolve()), "subset": i["subset"],
-             "grade": grades.get(name, "unknown"), "group": grades.get(name, "unknown")}
-            for name, i in sorted(items.items(), key=lambda kv: natural_key(kv[0]))]
-
-
-def _kpi_patches(base: Path, split: str) -> list[dict]:
-    """Patches of one KPI split, as study entries grouped by disease model."""
-    return [{"image": str(image.resolve()), "label": str(mask.resolve()), "model": model, "group": model, "case": case}
-            for image, mask, model, case in scan_kpi_split(base, split)]
-
-
 def _demo_sections(root: Path) -> dict[str, list[dict]]:
     """The demo data set's sections, generating the default demo set under ``root`` when it holds none."""
     from scripts.data import ensure_demo_dataset
@@ -128,65 +71,31 @@ def _demo_sections(root: Path) -> dict[str, list[dict]]:
     return load_sections(path)
 
 
+def _adapter(data: str) -> tuple[Adapter, dict]:
+    """The adapter of ``data`` and the arguments the study fixes for it."""
+    adapters = study_adapters()
+    if data not in adapters:
+        raise ConfigError(f"--data '{data}' is not one of {list(data_names())}.")
+    return adapters[data]
+
+
 def scan_data(data: str, root: Path, test_root: Path | None, scratch: Path) -> StudyData:
-    """Lists the annotated training images of ``root`` (and the test images of ``test_root``) for ``data``.
+    """Lists the annotated training images of ``root`` (and the test images of ``test_root``) for ``data``, by
+    its adapter's ``study_scan`` (the demo set: its own sections).
 
     Args:
-        data: one of :data:`DATA_NAMES`.
+        data: one of :func:`data_names`.
         root: the data set's folder.
         test_root: a folder in the same layout whose images form the test set, or None.
         scratch: an empty folder for the adapters' scratch files.
     """
-    if data == "glas":
-        files = _glas_files(root)
-        pool = [f for f in files if f["subset"] == "train"]
-        if not pool:
-            raise ConfigError(f"GlaS folder '{root}' holds no train_N images with train_N_anno annotations (--root).")
-        test = None
-        if test_root is not None:
-            candidates = _glas_files(test_root)
-            official = [f for f in candidates if f["subset"] != "train"]
-            test = official or candidates
-        elif len(files) > len(pool):
-            logger.info("[study] %s also holds %d testA_ / testB_ images; they are not used. Pass --test_root %s to "
-                        "test on them instead of held-out training images.", root, len(files) - len(pool), root)
-        return StudyData(pool, test=test)
-    if data in ("ebhi_gland", "ebhi_cancer"):
-        scan = _adapter_scan(ebhi_datalist, root, scratch, preset=data, test_ratio=0.0)
-        pool = [dict(e, group=e["class"]) for e in scan["training"]]
-        test = None
-        if test_root is not None:
-            test = [dict(e, group=e["class"]) for e in _adapter_scan(ebhi_datalist, test_root, scratch, preset=data,
-                                                                     test_ratio=0.0)["training"]]
-        return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
-    if data == "folder":
-        scan = _adapter_scan(folder_datalist, root, scratch, test_ratio=0.0)
-        pool = [dict(e, group="all") for e in scan["training"]]
-        test = None
-        if test_root is not None:
-            test = [dict(e, group="all") for e in _adapter_scan(folder_datalist, test_root, scratch, test_ratio=0.0)["training"]]
-        return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
-    if data == "kpi":
-        base = kpi_base(root)
-        pool = _kpi_patches(base, "train")
-        if not pool:
-            raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches (--root).")
-        test = None
-        if test_root is None and (base / "test").is_dir():
-            logger.info("[study] %s has an official test split; it is not used. Pass --test_root %s to test on it "
-                        "instead of held-out training patches.", base, root)
-        if test_root is not None:
-            test = _kpi_patches(kpi_base(test_root), "test")
-            if not test:
-                raise ConfigError(f"KPI folder '{test_root}' has no test/<model>/<case>/img/*_img.jpg patches "
-                                  "(--test_root); point it at a KPI folder with its official test split.")
-        return StudyData(pool, test=test, extra={"validation_dir": base / "validation"})
     if data == "demo":
         sections = _demo_sections(root)
         test = _demo_sections(test_root)["test"] if test_root is not None else sections["test"]
         return StudyData([dict(e, group="all") for e in sections["training"]], unlabeled=sections["unlabeled"],
                          test=test, extra={"validation": sections["validation"]})
-    raise ConfigError(f"--data '{data}' is not one of {list(DATA_NAMES)}.")
+    adapter, fixed = _adapter(data)
+    return adapter.study_scan(root, test_root, scratch, **fixed)
 
 
 def _hold_out_test(data: StudyData, test_count: int) -> tuple[list[dict], list[dict]]:
@@ -199,66 +108,11 @@ def _hold_out_test(data: StudyData, test_count: int) -> tuple[list[dict], list[d
     return [e for e in data.pool if e["image"] in picked], [e for e in data.pool if e["image"] not in picked]
 
 
-def _link(target: str, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        raise ConfigError(f"Two images of the data set map to '{link}'; the study cannot tell them apart.")
-    link.symlink_to(os.path.realpath(target))
-
-
-def _make_view(data: str, view: Path, pool: Sequence[dict], unlabeled: Sequence[dict], test: Sequence[dict],
-               source: StudyData, root: Path) -> None:
-    """Lays out ``pool`` (and the unlabeled images) as the adapter expects them, as symbolic links."""
-    if data == "glas":
-        for entry in pool:
-            stem = Path(entry["image"]).stem
-            _link(entry["image"], view / Path(entry["image"]).name)
-            _link(entry["label"], view / f"{stem}_anno{Path(entry['label']).suffix}")
-        if (root / "Grade.csv").is_file():
-            _link(str(root / "Grade.csv"), view / "Grade.csv")
-    elif data in ("ebhi_gland", "ebhi_cancer"):
-        for entry in list(pool) + list(test) + list(unlabeled):  # every class folder must exist, even if emptied
-            (view / Path(entry["image"]).parent.parent.name / "image").mkdir(parents=True, exist_ok=True)
-        for entry in pool:
-            folder = view / Path(entry["image"]).parent.parent.name
-            _link(entry["image"], folder / "image" / Path(entry["image"]).name)
-            _link(entry["label"], folder / "label" / Path(entry["label"]).name)
-        for entry in unlabeled:
-            _link(entry["image"], view / Path(entry["image"]).parent.parent.name / "image" / Path(entry["image"]).name)
-    elif data == "folder":
-        for entry in pool:
-            _link(entry["image"], view / "images" / Path(entry["image"]).name)
-            _link(entry["label"], view / "masks" / Path(entry["label"]).name)
-        for entry in unlabeled:
-            _link(entry["image"], view / "unlabeled" / Path(entry["image"]).name)
-    elif data == "kpi":
-        base = view / "Task1_patch_level"
-        for split, entries in (("train", pool), ("test", test)):
-            for entry in entries:
-                folder = base / split / entry["model"] / entry["case"]
-                _link(entry["image"], folder / "img" / Path(entry["image"]).name)
-                _link(entry["label"], folder / "mask" / Path(entry["label"]).name)
-        validation = source.extra["validation_dir"]
-        if Path(validation).is_dir():
-            _link(str(validation), base / "validation")
-
-
-def _adapter(data: str) -> tuple[Callable, dict]:
-    """The adapter of ``data`` and the arguments the study fixes for it."""
-    return {
-        "glas": (glas_datalist, {}),
-        "ebhi_gland": (ebhi_datalist, {"preset": "ebhi_gland", "test_ratio": 0.0}),
-        "ebhi_cancer": (ebhi_datalist, {"preset": "ebhi_cancer", "test_ratio": 0.0}),
-        "folder": (folder_datalist, {"test_ratio": 0.0}),
-        "kpi": (kpi_datalist, {}),
-    }[data]
-
-
 def check_adapter_args(data: str, adapter_args: dict) -> None:
     """Stops with the allowed names when ``--adapter_args`` holds a key the adapter of ``data`` does not take.
 
     Args:
-        data: one of :data:`DATA_NAMES`.
+        data: one of :func:`data_names`.
         adapter_args: extra keyword arguments for the adapter (e.g. ``validation_ratio``, KPI's ``rule``).
     """
     if data == "demo":
@@ -267,7 +121,7 @@ def check_adapter_args(data: str, adapter_args: dict) -> None:
                               "leave it out.")
         return
     adapter, _ = _adapter(data)
-    allowed = sorted(set(inspect.signature(adapter).parameters) - _STUDY_ARGS)
+    allowed = sorted(set(inspect.signature(adapter.datalist).parameters) - _STUDY_ARGS)
     wrong = sorted(set(adapter_args) - set(allowed))
     if wrong:
         raise ConfigError(f"--adapter_args has key(s) {wrong} that the {data} adapter does not take or that the study "
@@ -323,7 +177,7 @@ def build_datalists(data: str, root: str | os.PathLike, out: str | os.PathLike, 
     """Writes (or reuses) ``OUT/datalists/ratio_<r>.json`` for every labeled ratio; all share one test section.
 
     Args:
-        data: one of :data:`DATA_NAMES`.
+        data: one of :func:`data_names`.
         root: the data set's folder.
         out: the study's output folder.
         ratios: labeled ratios, each in (0, 1].
@@ -363,9 +217,10 @@ def build_datalists(data: str, root: str | os.PathLike, out: str | os.PathLike, 
                 extra = {}
             else:
                 view = scratch / f"view_{ratio_label(ratio)}"
-                _make_view(data, view, pool, source.unlabeled, test, source, root)
                 adapter, fixed = _adapter(data)
-                written = adapter(view, paths[ratio], labeled_ratio=ratio, seed=split_seed, **fixed, **adapter_args)
+                adapter.study_layout(view, pool, source.unlabeled, test, source, root)
+                written = adapter.datalist(view, paths[ratio], labeled_ratio=ratio, seed=split_seed, **fixed,
+                                           **adapter_args)
                 extra = {"source": {**json.loads(Path(written).read_text()).get("source", {}), "root": str(root)}}
                 sections = load_sections(written)
                 for entries in sections.values():  # from the links back to the original files
@@ -373,7 +228,7 @@ def build_datalists(data: str, root: str | os.PathLike, out: str | os.PathLike, 
                         for key in ("image", "label"):
                             if key in entry:
                                 entry[key] = os.path.realpath(entry[key])
-            if data != "kpi":  # KPI's test patches went through the adapter's conversion with the view
+            if data == "demo" or not _adapter(data)[0].test_through_adapter:  # else: converted with the view
                 sections["test"] = [{k: (os.path.realpath(v) if k in ("image", "label") else v) for k, v in e.items()}
                                     for e in test]
             _mask_names(sections["test"])

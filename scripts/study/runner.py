@@ -32,7 +32,7 @@ from PIL import Image
 from scripts.errors import ConfigError
 from scripts.files import write_text_atomically
 
-from .datasets import DATA_NAMES, TEST_SEED, build_datalists, check_adapter_args, load_sections, ratio_label
+from .datasets import data_names, TEST_SEED, build_datalists, check_adapter_args, load_sections, ratio_label
 from .masks import MASK_DIR_NAME, write_mask_config
 from .report import (METRIC_COLUMNS, trivial_baseline, write_label_efficiency_plot, write_results_csv,
                      write_results_markdown)
@@ -174,8 +174,8 @@ class Study:
 
     def _check_options(self) -> None:
         o = self.options
-        if o.data not in DATA_NAMES:
-            raise ConfigError(f"--data '{o.data}' is not one of {list(DATA_NAMES)}.")
+        if o.data not in data_names():
+            raise ConfigError(f"--data '{o.data}' is not one of {list(data_names())}.")
         if o.root is None and o.data != "demo":
             raise ConfigError(f"--root is required for --data {o.data}: the data set's folder.")
         from scripts.engines.presets import METHOD_PRESETS
@@ -526,7 +526,7 @@ def parse_args(argv: Sequence[str] | None = None) -> StudyOptions:
         prog="python -m scripts.cli study",
         description="Train and test each method x labeled ratio x seed on one fixed test set; write results.csv, "
                     "results.md and label_efficiency.png under --out. Rerunning with the same --out skips finished runs.")
-    parser.add_argument("--data", required=True, choices=DATA_NAMES, help="the data set's adapter")
+    parser.add_argument("--data", required=True, choices=data_names(), help="the data set's adapter")
     parser.add_argument("--root", help="the data set's folder (demo: where the demo set is or will be generated)")
     parser.add_argument("--out", required=True, help="output folder of the study")
     parser.add_argument("--methods", default="supervised,unimatch,mpamatch", help="comma-separated methods (default supervised,unimatch,mpamatch)")

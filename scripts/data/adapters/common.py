@@ -1,19 +1,24 @@
-"""What every data-set adapter shares: deterministic stratified splits and writing the datalist."""
+"""What every data-set adapter shares: deterministic stratified splits, writing and reading datalists, and the
+study's view of a data set (``StudyData``, links laid out in the adapter's own layout)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from scripts.errors import ConfigError
 from scripts.files import write_text_atomically
 
-__all__ = ["natural_key", "split_counts", "stratified_pick", "write_datalist", "resolve_count"]
+__all__ = ["natural_key", "split_counts", "stratified_pick", "write_datalist", "resolve_count", "load_sections",
+           "StudyData", "scan_with_adapter", "link_into_view"]
+
+SECTIONS = ("training", "unlabeled", "validation", "test")
 
 
 def natural_key(name: str) -> list:
@@ -73,3 +78,51 @@ def write_datalist(sections: dict[str, list[dict]], out: str | os.PathLike, extr
     write_text_atomically(out, json.dumps(content, indent=2) + "\n")
     return out
 
+
+def load_sections(path: str | os.PathLike) -> dict[str, list[dict]]:
+    """The four sections of a datalist with absolute paths (relative ones start from the datalist's folder)."""
+    path = Path(path)
+    content = json.loads(path.read_text())
+    sections = {}
+    for key in SECTIONS:
+        entries = []
+        for entry in content.get(key, []):
+            item = dict(entry)
+            for name in ("image", "label"):
+                if name in item:
+                    item[name] = os.path.normpath(str(path.parent / item[name]))
+            entries.append(item)
+        sections[key] = entries
+    return sections
+
+
+@dataclass
+class StudyData:
+    """What the label-efficiency study knows about a data set before splitting it (an adapter's ``study_scan``).
+
+    Args:
+        pool: annotated training images (``image``, ``label``, ``group`` and the adapter's fields), absolute paths;
+            ``group`` stratifies the test images the study holds out.
+        unlabeled: training images without annotation, kept unlabeled in every datalist.
+        test: the test entries when they come from ``--test_root`` (or the demo's own section), else None.
+        extra: data-set specific paths (the KPI validation folder, the demo's validation section).
+    """
+
+    pool: list[dict]
+    unlabeled: list[dict] = field(default_factory=list)
+    test: list[dict] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scan_with_adapter(adapter: Callable, root: Path, scratch: Path, **kwargs) -> dict[str, list[dict]]:
+    """Runs an adapter with every image labeled and nothing held out, so it lists (and checks) the whole set."""
+    out = adapter(root, scratch / "scan.json", labeled_ratio=1.0, validation_ratio=0.0, **kwargs)
+    return load_sections(out)
+
+
+def link_into_view(target: str, link: Path) -> None:
+    """One file of the study's view of a data set: a symbolic link at ``link`` to ``target``."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        raise ConfigError(f"Two images of the data set map to '{link}'; the study cannot tell them apart.")
+    link.symlink_to(os.path.realpath(target))

@@ -13,9 +13,9 @@ from pathlib import Path
 from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
-from .common import natural_key, resolve_count, stratified_pick, write_datalist
+from .common import StudyData, link_into_view, natural_key, resolve_count, scan_with_adapter, stratified_pick, write_datalist
 
-__all__ = ["EBHI_CLASSES", "EBHI_PRESETS", "ebhi_datalist"]
+__all__ = ["EBHI_CLASSES", "EBHI_PRESETS", "ebhi_datalist", "study_scan", "study_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +111,26 @@ def ebhi_datalist(root: str | os.PathLike, out: str | os.PathLike, preset: str =
                                                            "images_without_label": [str(p[2]) for p in no_label]}})
     logger.info("EBHI-SEG datalist %s: %s", path, {k: len(v) for k, v in sections.items()})
     return path
+
+
+def study_scan(root: Path, test_root: Path | None, scratch: Path, **fixed) -> StudyData:
+    """The study's EBHI-SEG pool for one preset (``fixed``): annotated images grouped by class; images without a
+    label stay unlabeled; test = every annotated image of ``test_root``."""
+    scan = scan_with_adapter(ebhi_datalist, root, scratch, **fixed)
+    pool = [dict(e, group=e["class"]) for e in scan["training"]]
+    test = None
+    if test_root is not None:
+        test = [dict(e, group=e["class"]) for e in scan_with_adapter(ebhi_datalist, test_root, scratch, **fixed)["training"]]
+    return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
+
+
+def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
+    """Lays out the study's EBHI-SEG images as links in class folders (every class folder exists, even emptied)."""
+    for entry in list(pool) + list(test) + list(unlabeled):
+        (view / Path(entry["image"]).parent.parent.name / "image").mkdir(parents=True, exist_ok=True)
+    for entry in pool:
+        folder = view / Path(entry["image"]).parent.parent.name
+        link_into_view(entry["image"], folder / "image" / Path(entry["image"]).name)
+        link_into_view(entry["label"], folder / "label" / Path(entry["label"]).name)
+    for entry in unlabeled:
+        link_into_view(entry["image"], view / Path(entry["image"]).parent.parent.name / "image" / Path(entry["image"]).name)

@@ -10,9 +10,9 @@ from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.data.validation import check_entries
 from scripts.errors import ConfigError
 
-from .common import natural_key, resolve_count, stratified_pick, write_datalist
+from .common import StudyData, link_into_view, natural_key, resolve_count, scan_with_adapter, stratified_pick, write_datalist
 
-__all__ = ["folder_datalist", "csv_datalist"]
+__all__ = ["folder_datalist", "csv_datalist", "study_scan", "study_layout"]
 
 SECTIONS = ("training", "unlabeled", "validation", "test")
 
@@ -114,3 +114,23 @@ def csv_datalist(csv_path: str | os.PathLike, out: str | os.PathLike, labeled_ra
         s: (unlabeled if s == "unlabeled" else []) for s in SECTIONS}
     sections = {s: split[s] + fixed[s] for s in SECTIONS}
     return write_datalist(sections, out, extra={"source": {"dataset": "csv", "csv": str(csv_path.resolve()), "seed": seed}})
+
+
+def study_scan(root: Path, test_root: Path | None, scratch: Path, **fixed) -> StudyData:
+    """The study's pool of an ``images/`` + ``masks/`` folder (one group); ``unlabeled/`` stays unlabeled; test =
+    every annotated image of ``test_root``."""
+    scan = scan_with_adapter(folder_datalist, root, scratch, **fixed)
+    pool = [dict(e, group="all") for e in scan["training"]]
+    test = None
+    if test_root is not None:
+        test = [dict(e, group="all") for e in scan_with_adapter(folder_datalist, test_root, scratch, **fixed)["training"]]
+    return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
+
+
+def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
+    """Lays out the study's images as links in ``images/``, ``masks/`` and ``unlabeled/``."""
+    for entry in pool:
+        link_into_view(entry["image"], view / "images" / Path(entry["image"]).name)
+        link_into_view(entry["label"], view / "masks" / Path(entry["label"]).name)
+    for entry in unlabeled:
+        link_into_view(entry["image"], view / "unlabeled" / Path(entry["image"]).name)

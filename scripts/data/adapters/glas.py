@@ -14,9 +14,9 @@ from pathlib import Path
 from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
-from .common import natural_key, resolve_count, stratified_pick, write_datalist
+from .common import StudyData, link_into_view, natural_key, resolve_count, stratified_pick, write_datalist
 
-__all__ = ["glas_datalist", "read_glas_grades", "scan_glas"]
+__all__ = ["glas_datalist", "read_glas_grades", "scan_glas", "study_scan", "study_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +112,43 @@ def glas_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_ratio
     path = write_datalist(sections, out, extra={"source": {"dataset": "glas", "root": str(root.resolve()), "seed": seed}})
     logger.info("GlaS datalist %s: %s", path, {k: len(v) for k, v in sections.items()})
     return path
+
+
+def _study_files(root: Path) -> list[dict]:
+    """GlaS images with their annotations and grades, by the adapter's own file rules."""
+    if not root.is_dir():
+        raise ConfigError(f"GlaS folder '{root}' does not exist (--root / --test_root).")
+    items, problems = scan_glas(root)
+    if problems:
+        raise ConfigError(f"GlaS folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+    grades = read_glas_grades(root)
+    return [{"image": str(Path(i["image"]).resolve()), "label": str(Path(i["label"]).resolve()), "subset": i["subset"],
+             "grade": grades.get(name, "unknown"), "group": grades.get(name, "unknown")}
+            for name, i in sorted(items.items(), key=lambda kv: natural_key(kv[0]))]
+
+
+def study_scan(root: Path, test_root: Path | None, scratch: Path) -> StudyData:
+    """The study's GlaS pool: the train_N images grouped by grade; test = testA_ / testB_ of ``test_root`` (all
+    its annotated images when it has none)."""
+    files = _study_files(root)
+    pool = [f for f in files if f["subset"] == "train"]
+    if not pool:
+        raise ConfigError(f"GlaS folder '{root}' holds no train_N images with train_N_anno annotations (--root).")
+    test = None
+    if test_root is not None:
+        candidates = _study_files(test_root)
+        test = [f for f in candidates if f["subset"] != "train"] or candidates
+    elif len(files) > len(pool):
+        logger.info("[study] %s also holds %d testA_ / testB_ images; they are not used. Pass --test_root %s to "
+                    "test on them instead of held-out training images.", root, len(files) - len(pool), root)
+    return StudyData(pool, test=test)
+
+
+def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
+    """Lays out the study's GlaS images (and Grade.csv) as links in the official flat layout."""
+    for entry in pool:
+        stem = Path(entry["image"]).stem
+        link_into_view(entry["image"], view / Path(entry["image"]).name)
+        link_into_view(entry["label"], view / f"{stem}_anno{Path(entry['label']).suffix}")
+    if (root / "Grade.csv").is_file():
+        link_into_view(str(root / "Grade.csv"), view / "Grade.csv")

@@ -14,9 +14,9 @@ from PIL import Image
 
 from scripts.errors import ConfigError
 
-from .common import natural_key, resolve_count, stratified_pick, write_datalist
+from .common import StudyData, link_into_view, natural_key, resolve_count, stratified_pick, write_datalist
 
-__all__ = ["kpi_datalist", "kpi_base", "scan_kpi_split"]
+__all__ = ["kpi_datalist", "kpi_base", "scan_kpi_split", "study_scan", "study_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +119,41 @@ def kpi_datalist(root: str | os.PathLike, out: str | os.PathLike, rule: str = "d
                                                            "factor": factor, "tile_size": tile_size, "seed": seed}})
     logger.info("KPI datalist %s: %s", path, {k: len(v) for k, v in sections.items()})
     return path
+
+
+def _study_patches(base: Path, split: str) -> list[dict]:
+    """Patches of one KPI split, as study entries grouped by disease model."""
+    return [{"image": str(image.resolve()), "label": str(mask.resolve()), "model": model, "group": model, "case": case}
+            for image, mask, model, case in scan_kpi_split(base, split)]
+
+
+def study_scan(root: Path, test_root: Path | None, scratch: Path) -> StudyData:
+    """The study's KPI pool: train-split patches grouped by disease model; test = ``test_root``'s test split."""
+    base = kpi_base(root)
+    pool = _study_patches(base, "train")
+    if not pool:
+        raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches (--root).")
+    test = None
+    if test_root is None and (base / "test").is_dir():
+        logger.info("[study] %s has an official test split; it is not used. Pass --test_root %s to test on it "
+                    "instead of held-out training patches.", base, root)
+    if test_root is not None:
+        test = _study_patches(kpi_base(test_root), "test")
+        if not test:
+            raise ConfigError(f"KPI folder '{test_root}' has no test/<model>/<case>/img/*_img.jpg patches "
+                              "(--test_root); point it at a KPI folder with its official test split.")
+    return StudyData(pool, test=test, extra={"validation_dir": base / "validation"})
+
+
+def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
+    """Lays out the study's patches as links in KPI's split / model / case folders; the test patches go in too,
+    since the adapter converts them (``Adapter.test_through_adapter``)."""
+    base = view / "Task1_patch_level"
+    for split, entries in (("train", pool), ("test", test)):
+        for entry in entries:
+            folder = base / split / entry["model"] / entry["case"]
+            link_into_view(entry["image"], folder / "img" / Path(entry["image"]).name)
+            link_into_view(entry["label"], folder / "mask" / Path(entry["label"]).name)
+    validation = source.extra["validation_dir"]
+    if Path(validation).is_dir():
+        link_into_view(str(validation), base / "validation")
