@@ -1,14 +1,11 @@
-"""Shared test settings: offline hubs, a private cache for generated data, and tiny network settings."""
+"""Shared test settings and fixtures: offline hubs and the generated demo data set (helpers.py holds the shared
+functions and constants)."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-
-# Tiny encoders keep every network test on CPU within seconds.
-TINY_ENCODER = {"depth": 2}
-TINY_DECODER = {"skip_channels": (32, 16, 8), "decoder_head_channels": 32, "decoder_channels": (16, 16, 8, 8), "embed_dim": 16}
 
 
 @pytest.fixture(scope="session")

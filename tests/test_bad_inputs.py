@@ -26,6 +26,7 @@ from PIL import Image
 from scripts.data import checked_datalist
 from scripts.data.adapters import folder_datalist
 from scripts.errors import ConfigError
+from tests.helpers import tiny_network
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
@@ -185,11 +186,7 @@ def datalist(corpus) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A random tiny network (2 classes) saved as model.pt."""
-    from scripts.networks import UNITransUNet
-
-    torch.manual_seed(0)
-    network = UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1},
-                           skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512).eval()
+    network = tiny_network()
     folder = tmp_path_factory.mktemp("model")
     torch.save({"model": network.state_dict()}, folder / "model.pt")
     return network, folder

@@ -117,6 +117,19 @@ def test_image_failing_at_load_time_is_skipped_and_reported(tmp_path):
     loader.report()
 
 
+def test_images_are_read_by_the_load_image_transform_of_inference_json(images, tmp_path):
+    """Nothing of the reading is copied: a config whose ``load_image`` also flips the image makes the app's loader
+    flip it too."""
+    config = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
+    assert config["preprocessing"]["transforms"][0] == "@load_image"
+    config["load_image"]["transforms"].append({"_target_": "Flipd", "keys": "image", "spatial_axis": 1})
+    (tmp_path / "inference.json").write_text(json.dumps(config))
+    path = str(images / "e.png")  # RGBA: the config's EnsureRGBd drops alpha
+    plain, flipped = ImageFolderLoader(images).load(path), ImageFolderLoader(images, tmp_path / "inference.json").load(path)
+    assert tuple(plain.shape) == (3, 40, 72)
+    assert np.array_equal(np.asarray(flipped), np.asarray(plain)[:, :, ::-1])
+
+
 def test_bad_model_path_is_named(model, tmp_path):
     with pytest.raises(ConfigError, match=f"ONNX model '{tmp_path / 'absent.onnx'}' does not exist"):
         TiledOnnxSegmenter(tmp_path / "absent.onnx")

@@ -7,7 +7,7 @@ import torch
 
 from scripts.errors import ConfigError
 from scripts.networks import ENCODER_PRESETS, UNITransUNet, build_encoder
-from tests.conftest import TINY_DECODER, TINY_ENCODER
+from tests.helpers import TINY_DECODER, TINY_ENCODER
 
 # (encoder preset, patch size) x (grid height, grid width) x n_skip
 ENCODERS = [("vit_tiny", 16), ("vit_tiny_reg_p14", 14)]

@@ -127,3 +127,11 @@ def test_scripts_has_no_import_circle():
 
     for name in sorted(graph):
         visit(name)
+
+
+def test_test_files_share_code_through_helpers_and_conftest_only():
+    graph = _imports_between_modules(REPO / "tests")
+    assert graph["tests.test_network"] >= {"tests.helpers"}
+    imported = {name: sorted(t for t in targets if t.startswith("tests.test_") or t == "tests.conftest")
+                for name, targets in graph.items()}
+    assert not {name: targets for name, targets in imported.items() if targets}

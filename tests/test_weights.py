@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from scripts.errors import ConfigError
 from scripts.networks import UNITransUNet, build_encoder, load_encoder_weights
-from tests.conftest import TINY_DECODER
+from tests.helpers import TINY_DECODER
 
 
 def encoder_state(name="vit_tiny", **kwargs):

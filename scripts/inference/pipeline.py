@@ -23,12 +23,24 @@ from PIL import Image
 
 from scripts.errors import ConfigError
 
-__all__ = ["InferencePipeline", "InputError", "INFERENCE_CONFIG"]
+__all__ = ["InferencePipeline", "InputError", "INFERENCE_CONFIG", "image_reader"]
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "inference.json"
 _POST_KEYS = ("min_object_size", "fill_holes", "split_touching")
+
+
+def image_reader(config_file: str | os.PathLike | None = None):
+    """``inference.json``'s ``load_image`` transform: ``{"image": path}`` -> a channel-first RGB image on the 0..255
+    scale, read as the bundle's inference reads it. Needs no model, so a folder can be read before one is loaded.
+
+    Args:
+        config_file: the inference config. Defaults to the bundle's ``configs/inference.json``.
+    """
+    parser = ConfigParser()
+    parser.read_config(str(config_file or INFERENCE_CONFIG))
+    return parser.get_parsed_content("load_image")
 
 
 class InputError(ConfigError):

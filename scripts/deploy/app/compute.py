@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from scripts.data import EnsureRGBd, read_image
+from scripts.data import read_image
 from scripts.errors import ConfigError
 from scripts.inference import InferenceInputs, InferencePipeline, SavePredictiond, scan_inputs
+from scripts.inference.pipeline import image_reader
 
 __all__ = ["ImageFolderLoader", "TiledOnnxSegmenter", "MaskWriter", "resolve_model_path"]
 
@@ -50,13 +50,15 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 
 class ImageFolderLoader:
-    """The images of a folder, read one at a time as channel-first RGB tensors on the 0..255 scale.
+    """The images of a folder, read one at a time as channel-first RGB tensors on the 0..255 scale, by the
+    ``load_image`` transform of ``inference.json`` (what the bundle's inference reads with).
 
     Every file is opened once up front (as the bundle's inference does); files that cannot be read then, or
     later when they are loaded, are logged, skipped and listed by :meth:`report`.
 
     Args:
         input_dir: folder of PNG / JPEG / TIFF / BMP images.
+        config_file: the inference config. Defaults to the bundle's ``configs/inference.json``.
 
     Raises:
         ConfigError: when the folder is missing, holds no images, or none of them can be read.
@@ -68,14 +70,10 @@ class ImageFolderLoader:
         loader.report()  # raises, naming every unreadable file, if there was one
     """
 
-    def __init__(self, input_dir: str | os.PathLike):
+    def __init__(self, input_dir: str | os.PathLike, config_file: str | os.PathLike | None = None):
         self.inputs: InferenceInputs = scan_inputs(input_dir)
         self.paths = [item["image"] for item in self.inputs.items]
-        self._read = Compose([
-            LoadImaged("image", image_only=True, reader="PILReader", reverse_indexing=False),
-            EnsureChannelFirstd("image"),
-            EnsureRGBd("image"),
-        ])
+        self._read = image_reader(config_file)
 
     def load(self, path: str) -> MetaTensor | None:
         """The image at ``path`` (3 x H x W, float, with its file name in ``meta``), or None when it cannot be read."""
