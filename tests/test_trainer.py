@@ -67,6 +67,20 @@ def test_every_preset_trains(method, demo_data, tmp_path):
     assert changed and output["skipped"] == 0.0
 
 
+def test_the_trainer_takes_the_method_train_json_resolves_once(demo_data, tmp_path):
+    parser = parser_for(demo_data, tmp_path, method="mpamatch", lambda_txt=0.3, num_epochs=1)
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.method is parser.get_parsed_content("method_config")
+    assert (trainer.method.name, trainer.method.lambda_img, trainer.method.lambda_txt) == ("mpamatch", 0.1, 0.3)
+    assert not hasattr(trainer, "method_name")
+    parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=1)
+    parser["train#trainer#lambda_img"] = 0.2  # a second, contradicting place for a weight is refused
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("train#trainer")
+    cause = err.value if isinstance(err.value, ConfigError) else err.value.__cause__
+    assert isinstance(cause, ConfigError) and "beside a resolved method" in str(cause)
+
+
 def test_non_finite_loss_is_skipped_then_stops(demo_data, tmp_path):
     parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=2, max_skipped_steps=2)
     trainer = parser.get_parsed_content("train#trainer")

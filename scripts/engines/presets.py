@@ -17,8 +17,10 @@ class MethodConfig:
     """Weights of the objective ``L = (L_x + L_u) / 2 + lambda_img L_img + lambda_txt L_txt``.
 
     ``L_u = weight_s1 L_s1 + weight_s2 L_s2 + weight_fp L_fp``; a method with no unsupervised term uses ``L_x`` alone.
+    ``name`` is the preset it came from, for messages and logs.
     """
 
+    name: str = "custom"
     weight_s1: float = 0.0
     weight_s2: float = 0.0
     weight_fp: float = 0.0
@@ -40,14 +42,14 @@ class MethodConfig:
 
 _UNIMATCH = MethodConfig(weight_s1=0.25, weight_s2=0.25, weight_fp=0.5)
 
-METHOD_PRESETS: dict[str, MethodConfig] = {
+METHOD_PRESETS: dict[str, MethodConfig] = {name: replace(config, name=name) for name, config in {
     "supervised": MethodConfig(),
     "fixmatch": MethodConfig(weight_s1=1.0),
     "unimatch": _UNIMATCH,
     "mpamatch_img": replace(_UNIMATCH, lambda_img=0.1),
     "mpamatch_txt": replace(_UNIMATCH, lambda_txt=0.1),
     "mpamatch": replace(_UNIMATCH, lambda_img=0.1, lambda_txt=0.1),
-}
+}.items()}
 
 
 def resolve_method(method: str, lambda_img: float | None = None, lambda_txt: float | None = None) -> MethodConfig:

@@ -42,7 +42,7 @@ from scripts.config import as_bool
 from scripts.engines.averaging import WeightAverage
 from scripts.engines.distributed import (all_processes_agree, all_reduce_sum_, average_gradients_, broadcast_state_,
                                          process_rank, unwrap_network)
-from scripts.engines.presets import resolve_method
+from scripts.engines.presets import MethodConfig, resolve_method
 from scripts.errors import ConfigError, RunError
 from scripts.losses import cutmix_targets, masked_cross_entropy, prototype_infonce, sample_pixels_per_class, supervised_loss
 from scripts.networks import TransUNetOutput
@@ -160,9 +160,10 @@ class SemiSupervisedTrainer(Trainer):
         network: a ``UNITransUNet``, or one wrapped in ``DistributedDataParallel`` (``distributed_network``).
         optimizer: optimizer over the network and the text-prototype parameters.
         mix_loader: second unlabeled stream, the CutMix source; defaults to ``unlabeled_loader`` iterated separately.
-        method: method preset name. Defaults to ``"mpamatch"``.
-        lambda_img: override of the preset's image-contrast weight. Defaults to None (the preset's).
-        lambda_txt: override of the preset's text-contrast weight. Defaults to None (the preset's).
+        method: the resolved method (``resolve_method``; ``train.json`` passes its ``method_config``, so the method
+            is resolved once), or a preset name. Defaults to ``"mpamatch"``.
+        lambda_img: with a preset name, override of its image-contrast weight. Defaults to None (the preset's).
+        lambda_txt: with a preset name, override of its text-contrast weight. Defaults to None (the preset's).
         confidence_threshold: tau for pseudo-labels. Defaults to 0.95.
         prototype_bank: the image-prototype bank; required when lambda_img > 0.
         text_prototypes: the text-prototype module; required when lambda_txt > 0.
@@ -195,7 +196,7 @@ class SemiSupervisedTrainer(Trainer):
         network: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         mix_loader: Iterable | None = None,
-        method: str = "mpamatch",
+        method: str | MethodConfig = "mpamatch",
         lambda_img: float | None = None,
         lambda_txt: float | None = None,
         confidence_threshold: float = 0.95,
@@ -216,8 +217,14 @@ class SemiSupervisedTrainer(Trainer):
         weight_average: WeightAverage | None = None,
         compile: bool = False,
     ):
-        self.method_name = method
-        self.method = resolve_method(method, lambda_img, lambda_txt)
+        if isinstance(method, MethodConfig):
+            if lambda_img is not None or lambda_txt is not None:
+                raise ConfigError("lambda_img / lambda_txt were given beside a resolved method; pass them to "
+                                  "resolve_method (train.json's method_config) instead.")
+            self.method = method
+        else:
+            self.method = resolve_method(method, lambda_img, lambda_txt)
+        method = self.method.name
         if self.method.lambda_img > 0 and prototype_bank is None:
             raise ConfigError(f"method '{method}' uses image prototypes (lambda_img > 0) but no 'prototype_bank' is given.")
         if self.method.lambda_txt > 0 and text_prototypes is None:
