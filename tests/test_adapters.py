@@ -161,3 +161,26 @@ def test_dataset_presets_merge_over_train_json(preset):
     assert len(parser["class_descriptions"]) == parser["num_classes"] == len(parser["class_names"])
     assert all(side % 16 == 0 for side in parser["roi_size"])
     assert parser["label_threshold"] == (127 if preset.startswith("ebhi") else 0)
+
+
+def test_seeded_splits_hold_out_in_order_and_stratify():
+    from scripts.data.adapters.common import report_problems, seeded_splits, stratified_pick
+    from scripts.errors import ConfigError
+
+    names = [f"n{i}" for i in range(40)]
+    groups = ["a"] * 30 + ["b"] * 10
+    split = seeded_splits(names, groups, 7, test=(0.25, None), validation=(None, 6), labeled=(0.5, None))
+    test, validation, labeled = map(set, (split["test"], split["validation"], split["labeled"]))
+    assert (len(test), len(validation), len(labeled)) == (10, 6, 12)  # 25 % of 40, a count, half of the 24 left
+    assert not test & validation and split["pool"] == [n for n in names if n not in test | validation]
+    assert labeled <= set(split["pool"])
+    assert sum(n in test for n in names[30:]) == 2  # 10 in proportion to 30 : 10, the tie to the first group
+    assert split["test"] == stratified_pick(names, groups, 10, 7)  # each step takes the next seed: test 7, ...
+    rest = [n for n in names if n not in test]
+    assert split["validation"] == stratified_pick(rest, [groups[names.index(n)] for n in rest], 6, 8)
+    assert seeded_splits(names, groups, 7, test=(0.25, None), validation=(None, 6), labeled=(0.5, None)) == split
+    with pytest.raises(ConfigError, match=r"No labeled training images are left \(40 images, 0 held out"):
+        seeded_splits(names, groups, 0, labeled=(0.0, None))
+    report_problems("Folder 'x'", [])
+    with pytest.raises(ConfigError, match=r"(?s)Folder 'x' has 25 problem\(s\):\n  p0\n.*\n  p19\n  \.\.\. and 5 more$"):
+        report_problems("Folder 'x'", [f"p{i}" for i in range(25)])

@@ -15,8 +15,8 @@ import numpy as np
 from scripts.errors import ConfigError
 from scripts.files import write_text_atomically
 
-__all__ = ["natural_key", "split_counts", "stratified_pick", "write_datalist", "resolve_count", "load_sections",
-           "StudyData", "scan_with_adapter", "link_into_view"]
+__all__ = ["natural_key", "split_counts", "stratified_pick", "seeded_splits", "report_problems", "write_datalist",
+           "resolve_count", "load_sections", "StudyData", "scan_with_adapter", "link_into_view"]
 
 SECTIONS = ("training", "unlabeled", "validation", "test")
 
@@ -61,6 +61,49 @@ def stratified_pick(names: Sequence[str], groups: Sequence[str], n: int, seed: i
         members = sorted(by_group[key], key=natural_key)
         picked += [members[i] for i in sorted(rng.permutation(len(members))[:count])]
     return sorted(picked, key=natural_key)
+
+
+def seeded_splits(names: Sequence[str], groups: Sequence[str], seed: int, *,
+                  test: tuple[float | None, int | None] | None = None,
+                  validation: tuple[float | None, int | None] | None = None,
+                  labeled: tuple[float | None, int | None] = (1.0, None)) -> dict[str, list[str]]:
+    """Every adapter's split: stratified hold-outs of ``names`` in a fixed order, each step from the next seed.
+
+    ``test`` (when given) is drawn from all names with ``seed``, then ``validation`` (when given) from the rest
+    with the next seed, then the ``labeled`` share of what remains with the next one. Each step is
+    ``(ratio, count)``; a count, when not None, wins over the ratio. Picks keep the order they were drawn in;
+    ``pool`` is what remains after test and validation, in the order of ``names``.
+
+    Raises:
+        ConfigError: when a ratio or count is out of range, or no labeled image is left.
+    """
+    group_of = dict(zip(names, groups))
+    rest, out, step_seed = list(names), {"test": [], "validation": []}, seed
+    for what, step in (("test", test), ("validation", validation)):
+        if step is None:
+            continue
+        ratio, count = step
+        n = resolve_count(len(rest), None if count is not None else ratio, count, what)
+        out[what] = stratified_pick(rest, [group_of[name] for name in rest], n, step_seed) if n else []
+        taken = set(out[what])
+        rest = [name for name in rest if name not in taken]
+        step_seed += 1
+    ratio, count = labeled
+    n = resolve_count(len(rest), None if count is not None else ratio, count, "labeled")
+    if n == 0:
+        raise ConfigError(f"No labeled training images are left ({len(names)} images, {len(out['test'])} held out for "
+                          f"testing, {len(out['validation'])} for validation); raise --labeled_ratio or --labeled_count.")
+    out["labeled"] = stratified_pick(rest, [group_of[name] for name in rest], n, step_seed)
+    out["pool"] = rest
+    return out
+
+
+def report_problems(what: str, problems: Sequence[str], limit: int = 20) -> None:
+    """Stops with one error listing every problem an adapter found in ``what`` (e.g. ``GlaS folder '/data/GlaS'``),
+    at most ``limit`` of them by line; does nothing when there are none."""
+    if problems:
+        shown = "\n  ".join(problems[:limit]) + (f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else "")
+        raise ConfigError(f"{what} has {len(problems)} problem(s):\n  {shown}")
 
 
 def write_datalist(sections: dict[str, list[dict]], out: str | os.PathLike, extra: dict | None = None) -> Path:

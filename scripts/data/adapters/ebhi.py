@@ -13,7 +13,8 @@ from pathlib import Path
 from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
-from .common import StudyData, link_into_view, natural_key, resolve_count, scan_with_adapter, stratified_pick, write_datalist
+from .common import (StudyData, link_into_view, natural_key, report_problems, scan_with_adapter, seeded_splits,
+                     write_datalist)
 
 __all__ = ["EBHI_CLASSES", "EBHI_PRESETS", "ebhi_datalist", "study_scan", "study_layout"]
 
@@ -76,7 +77,7 @@ def ebhi_datalist(root: str | os.PathLike, out: str | os.PathLike, preset: str =
                 no_label.append((key, cls, image))
         problems += [f"{labels[n]}: label without an image" for n in sorted(set(labels) - {p.name for p in images})]
     if problems:
-        raise ConfigError(f"EBHI-SEG folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+        report_problems(f"EBHI-SEG folder '{root}'", problems)
     if not pairs:
         raise ConfigError(f"EBHI-SEG folder '{root}' holds no labeled images for preset '{preset}'.")
     if no_label:
@@ -84,14 +85,9 @@ def ebhi_datalist(root: str | os.PathLike, out: str | os.PathLike, preset: str =
                        ", ".join(str(p[2]) for p in no_label))
     by_key = {key: (cls, image, label) for key, cls, image, label in pairs}
     names = sorted(by_key, key=natural_key)
-    groups = [by_key[n][0] for n in names]
-    test = set(stratified_pick(names, groups, resolve_count(len(names), test_ratio, None, "test"), seed))
-    rest = [n for n in names if n not in test]
-    validation = set(stratified_pick(rest, [by_key[n][0] for n in rest],
-                                     resolve_count(len(rest), validation_ratio, None, "validation"), seed + 1))
-    pool = [n for n in rest if n not in validation]
-    n_lab = resolve_count(len(pool), None if labeled_count is not None else labeled_ratio, labeled_count, "labeled")
-    labeled = set(stratified_pick(pool, [by_key[n][0] for n in pool], n_lab, seed + 2))
+    split = seeded_splits(names, [by_key[n][0] for n in names], seed, test=(test_ratio, None),
+                          validation=(validation_ratio, None), labeled=(labeled_ratio, labeled_count))
+    test, validation, labeled, pool = set(split["test"]), set(split["validation"]), set(split["labeled"]), split["pool"]
 
     def entry(name: str, with_label: bool = True) -> dict:
         cls, image, label = by_key[name]

@@ -10,7 +10,8 @@ from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.data.validation import check_entries
 from scripts.errors import ConfigError
 
-from .common import StudyData, link_into_view, natural_key, resolve_count, scan_with_adapter, stratified_pick, write_datalist
+from .common import (StudyData, link_into_view, natural_key, report_problems, scan_with_adapter, seeded_splits,
+                     write_datalist)
 
 __all__ = ["folder_datalist", "csv_datalist", "study_scan", "study_layout"]
 
@@ -34,15 +35,9 @@ def _split(labeled: list[dict], unlabeled: list[dict], labeled_ratio, labeled_co
            seed) -> dict[str, list[dict]]:
     """Seeded test / validation hold-outs of the labeled entries, then the labeled share of the rest."""
     names = [e["image"] for e in labeled]
-    flat = ["all"] * len(names)
-    test = set(stratified_pick(names, flat, resolve_count(len(names), test_ratio, None, "test"), seed)) if test_ratio else set()
-    rest = [n for n in names if n not in test]
-    validation = set(stratified_pick(rest, ["all"] * len(rest), resolve_count(len(rest), validation_ratio, None, "validation"), seed + 1))
-    pool = [n for n in rest if n not in validation]
-    n_lab = resolve_count(len(pool), None if labeled_count is not None else labeled_ratio, labeled_count, "labeled")
-    if n_lab == 0:
-        raise ConfigError("No labeled training images are left after the validation and test splits.")
-    chosen = set(stratified_pick(pool, ["all"] * len(pool), n_lab, seed + 2))
+    split = seeded_splits(names, ["all"] * len(names), seed, test=(test_ratio, None), validation=(validation_ratio, None),
+                          labeled=(labeled_ratio, labeled_count))
+    test, validation, chosen, pool = set(split["test"]), set(split["validation"]), set(split["labeled"]), split["pool"]
     by_image = {e["image"]: e for e in labeled}
     return {
         "training": [by_image[n] for n in pool if n in chosen],
@@ -68,7 +63,7 @@ def folder_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_rat
     problems = [f"{p}: no mask named {p.stem}.* in {masks_dir}" for p in images if p.stem not in masks]
     problems += [f"{m}: mask without an image" for s, m in sorted(masks.items()) if s not in {p.stem for p in images}]
     if problems:
-        raise ConfigError(f"Folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+        report_problems(f"Folder '{root}'", problems)
     labeled = [{"image": str(p), "label": str(masks[p.stem])} for p in images]
     unlabeled_dir = root / "unlabeled"
     unlabeled = [{"image": str(p)} for p in sorted(unlabeled_dir.iterdir(), key=lambda p: natural_key(p.name))
@@ -108,7 +103,7 @@ def csv_datalist(csv_path: str | os.PathLike, out: str | os.PathLike, labeled_ra
         else:
             (labeled if "label" in entry else unlabeled).append(entry)
     if problems:
-        raise ConfigError(f"CSV '{csv_path}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+        report_problems(f"CSV '{csv_path}'", problems)
     _check_files(f"CSV '{csv_path}'", {"csv": labeled + unlabeled + [e for entries in fixed.values() for e in entries]})
     split = _split(labeled, unlabeled, labeled_ratio, labeled_count, validation_ratio, test_ratio, seed) if labeled else {
         s: (unlabeled if s == "unlabeled" else []) for s in SECTIONS}

@@ -14,7 +14,7 @@ from pathlib import Path
 from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
-from .common import StudyData, link_into_view, natural_key, resolve_count, stratified_pick, write_datalist
+from .common import StudyData, link_into_view, natural_key, report_problems, seeded_splits, write_datalist
 
 __all__ = ["glas_datalist", "read_glas_grades", "scan_glas", "study_scan", "study_layout"]
 
@@ -81,20 +81,14 @@ def glas_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_ratio
         raise ConfigError(f"GlaS folder '{root}' does not exist (--root); point it at the folder with train_N.bmp files.")
     items, problems = scan_glas(root)
     if problems:
-        raise ConfigError(f"GlaS folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+        report_problems(f"GlaS folder '{root}'", problems)
     train = sorted((n for n, i in items.items() if i["subset"] == "train"), key=natural_key)
     if not train:
         raise ConfigError(f"GlaS folder '{root}' holds no train_N images with train_N_anno annotations.")
     grades = read_glas_grades(root)
-    group = [grades.get(n, "unknown") for n in train]
-    n_val = resolve_count(len(train), None if validation_count is not None else validation_ratio, validation_count, "validation")
-    validation = stratified_pick(train, group, n_val, seed)
-    pool = [n for n in train if n not in set(validation)]
-    pool_group = [grades.get(n, "unknown") for n in pool]
-    n_lab = resolve_count(len(pool), None if labeled_count is not None else labeled_ratio, labeled_count, "labeled")
-    if n_lab == 0:
-        raise ConfigError("The labeled split is empty; raise --labeled_ratio or --labeled_count.")
-    labeled = stratified_pick(pool, pool_group, n_lab, seed + 1)
+    split = seeded_splits(train, [grades.get(n, "unknown") for n in train], seed,
+                          validation=(validation_ratio, validation_count), labeled=(labeled_ratio, labeled_count))
+    validation, labeled, pool = split["validation"], split["labeled"], split["pool"]
 
     def entry(name: str, with_label: bool = True) -> dict:
         item = {"image": items[name]["image"], "grade": grades.get(name, "unknown"), "subset": items[name]["subset"]}
@@ -120,7 +114,7 @@ def _study_files(root: Path) -> list[dict]:
         raise ConfigError(f"GlaS folder '{root}' does not exist (--root / --test_root).")
     items, problems = scan_glas(root)
     if problems:
-        raise ConfigError(f"GlaS folder '{root}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+        report_problems(f"GlaS folder '{root}'", problems)
     grades = read_glas_grades(root)
     return [{"image": str(Path(i["image"]).resolve()), "label": str(Path(i["label"]).resolve()), "subset": i["subset"],
              "grade": grades.get(name, "unknown"), "group": grades.get(name, "unknown")}

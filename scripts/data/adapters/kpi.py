@@ -14,7 +14,7 @@ from PIL import Image
 
 from scripts.errors import ConfigError
 
-from .common import StudyData, link_into_view, natural_key, resolve_count, stratified_pick, write_datalist
+from .common import StudyData, link_into_view, natural_key, report_problems, seeded_splits, write_datalist
 
 __all__ = ["kpi_datalist", "kpi_base", "scan_kpi_split", "study_scan", "study_layout"]
 
@@ -59,7 +59,7 @@ def scan_kpi_split(base: Path, split: str) -> list[tuple[Path, Path, str, str]]:
             continue
         found.append((image, mask, image.parent.parent.parent.name, image.parent.parent.name))
     if problems:
-        raise ConfigError(f"KPI folder '{base}' has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
+        report_problems(f"KPI folder '{base}'", problems)
     return found
 
 
@@ -94,8 +94,7 @@ def kpi_datalist(root: str | os.PathLike, out: str | os.PathLike, rule: str = "d
         raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches.")
     train = found["train"]
     names = [t[0] for t in train]
-    n_lab = resolve_count(len(names), None if labeled_count is not None else labeled_ratio, labeled_count, "labeled")
-    labeled = set(stratified_pick(names, [t[1] for t in train], n_lab, seed))
+    labeled = set(seeded_splits(names, [t[1] for t in train], seed, labeled=(labeled_ratio, labeled_count))["labeled"])
 
     sections: dict[str, list[dict]] = {"training": [], "unlabeled": [], "validation": [], "test": []}
     for split, items in found.items():
