@@ -1,9 +1,10 @@
 """Ignite handlers: atomic checkpoints, resume, the run lock, progress, overlays and the end-of-training summary."""
 
-from .checkpoint import BestMetricSaver, ResumeFromCheckpoint, TrainedWeightsLoader, TrainingStateSaver, save_atomically
+from .checkpoint import (BestMetricSaver, RandomState, ResumeFromCheckpoint, TrainedWeightsLoader, TrainingStateSaver,
+                         save_atomically)
 from .evaluation import EvaluationReport, TensorBoardOverlays, draw_overlay
 from .lock import LOCK_NAME, acquire_run_lock
-from .prototypes import PrototypeBankLogger, RandomState
+from .prototypes import PrototypeBankLogger
 from .report import ProgressLogger, TerminalProgressBar, TrainingSummary, require_checkpoint
 
 __all__ = [

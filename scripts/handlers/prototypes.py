@@ -1,17 +1,14 @@
-"""Handlers of the contrastive branch: the image-prototype bank's log line and the random-state snapshot."""
+"""Handlers of the contrastive branch: the image-prototype bank's log line (the trainer itself updates the bank)."""
 
 from __future__ import annotations
 
 import logging
-import random
 
-import numpy as np
-import torch
 from ignite.engine import Engine, Events
 
 from scripts.prototypes import PrototypeBank
 
-__all__ = ["PrototypeBankLogger", "RandomState"]
+__all__ = ["PrototypeBankLogger"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,31 +34,3 @@ class PrototypeBankLogger:
             engine.state.prototype_stats = stats
             logger.info("Image prototypes at iteration %d: %s", engine.state.iteration,
                         ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
-
-
-class RandomState:
-    """The torch, numpy and python random states as a checkpointable object (``state_dict`` / ``load_state_dict``).
-
-    The trainer also re-seeds everything at each epoch start, so resuming from an end-of-epoch checkpoint is exact
-    either way; the snapshot documents the state and restores it for code that draws outside the epochs.
-    """
-
-    def state_dict(self) -> dict:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        return {
-            "torch": torch.get_rng_state(),
-            "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_pos": int(pos),
-            "numpy_gauss": [int(has_gauss), float(gauss)],
-            "python": [list(random.getstate()[1]), random.getstate()[0]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        torch.set_rng_state(state["torch"])
-        has_gauss, gauss = state["numpy_gauss"]
-        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss))
-        internal, version = state["python"]
-        random.setstate((version, tuple(internal), None))
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
