@@ -90,9 +90,15 @@ def tiny_network():
                         skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512).eval()
 
 
-def run_python(args):
-    """Runs ``python <args>`` from the repository root, offline; returns the completed process."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+def run_python(args, cwd=REPO, repo_on_path=True):
+    """Runs ``python <args>`` offline in ``cwd`` (the repository root by default); returns the completed process.
+
+    ``repo_on_path=False`` leaves the repository off ``PYTHONPATH``, so a packed bundle imports its own scripts/.
+    """
+    env = dict(ENV)
+    if not repo_on_path:
+        env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 # A tiny MPAMatch run on the demo fixture: 4 unlabeled images in batches of 2 make 2 iterations an epoch; 3 epochs,

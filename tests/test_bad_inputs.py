@@ -14,7 +14,6 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -26,13 +25,12 @@ from PIL import Image
 from scripts.data import checked_datalist
 from scripts.data.adapters import folder_datalist
 from scripts.errors import ConfigError
-from tests.helpers import tiny_network
+from tests.helpers import NET_ARGS, run_python, tiny_network
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
 EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
-TINY_NET = ["--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}", "--skip_channels", "[16,8,8]",
-            "--decoder_channels", "[16,16,8,8]", "--roi_size", "[32,32]"]
+TINY_NET = [*NET_ARGS, "--roi_size", "[32,32]"]
 SIZE = (40, 48)  # rows, columns of every image
 IS_ROOT = os.geteuid() == 0
 
@@ -164,9 +162,7 @@ def named(message: str, path: Path, fragment: str) -> bool:
 
 
 def run(args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_python(args)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,15 @@ one-line error messages are what users get.
 
 import csv
 import io
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.helpers import NET_ARGS, run_python, tiny_network
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
@@ -24,22 +23,15 @@ EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
 INFERENCE = str(CONFIGS / "inference.json")
 
 # Network and schedule small enough for a few seconds of CPU per run.
-TINY_NET = [
-    "--encoder_name", "vit_tiny",
-    "--encoder_kwargs", "{'depth': 1}",
-    "--skip_channels", "[16,8,8]",
-    "--decoder_channels", "[16,16,8,8]",
-    "--roi_size", "[32,32]",
-]
+TINY_NET = [*NET_ARGS, "--roi_size", "[32,32]"]
 # Training-only settings: small batches (the fixture has 4 unlabeled images, so 2 iterations an epoch) and a
 # one-layer random text tower.
 TINY_TRAIN = [*TINY_NET, "--labeled_batch_size", 2, "--unlabeled_batch_size", 2, "--text_cfg", "{'layers': 1}"]
 
 
 def run_bundle(run_id, config_file, *args, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *map(str, args)]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd = ["-m", "monai.bundle", "run", run_id, "--config_file", config_file, *map(str, args)]
+    result = run_python(cmd)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -54,15 +46,6 @@ def trained(demo_data, tmp_path_factory):
         "--ckpt_dir", out / "models", "--output_dir", out / "runs", "--num_epochs", 2,
     )
     return out, result.stdout + result.stderr
-
-
-def tiny_network():
-    from scripts.networks import UNITransUNet
-
-    return UNITransUNet(
-        out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1},
-        skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512,
-    )
 
 
 def test_training_writes_checkpoints_and_reports_dice(trained):

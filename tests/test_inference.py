@@ -12,7 +12,7 @@ from monai.inferers import SimpleInferer
 from PIL import Image
 
 from scripts.inference import FlipTTAInferer
-from scripts.networks import UNITransUNet
+from tests.helpers import tiny_network
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,10 +34,7 @@ def test_flip_tta_averages_flipped_back_predictions():
 
 
 def test_folder_with_a_corrupt_and_a_small_image(tmp_path):
-    torch.manual_seed(0)
-    net = UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1},
-                       skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512)
-    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")
+    torch.save({"model": tiny_network().state_dict()}, tmp_path / "model.pt")
     images = tmp_path / "in"
     images.mkdir()
     rng = np.random.default_rng(0)

@@ -1,9 +1,7 @@
 """The distributable bundle: assembled by the CLI, accepted by MONAI's own tools, runnable from inside dist/."""
 
 import json
-import os
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import jsonschema
@@ -11,25 +9,18 @@ import pytest
 import torch
 
 from scripts.deploy import META_SCHEMA
-from scripts.networks import UNITransUNet
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}", "--skip_channels", "[16,8,8]",
-        "--decoder_channels", "[16,16,8,8]"]
+from tests.helpers import NET_ARGS as TINY
+from tests.helpers import REPO, run_python, tiny_network
 
 
 def run(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)  # inside dist/ the bundle's own scripts/ must be what is imported
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_python(args, cwd, repo_on_path=False)  # inside dist/ the bundle's own scripts/ must be what is imported
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pack")
-    net = UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1},
-                       skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512)
-    torch.save({"model": net.state_dict()}, folder / "model.pt")
+    torch.save({"model": tiny_network().state_dict()}, folder / "model.pt")
     result = run(["-m", "scripts.cli", "pack", "--out_dir", folder / "dist", "--model", folder / "model.pt"], REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     return folder / "dist" / "mpamatch_gland_segmentation"
@@ -40,6 +31,16 @@ def test_layout(bundle):
                  "scripts/__init__.py", "scripts/deploy/meta_schema.json", "models/model.pt", "docs/README.md", "LICENSE"):
         assert (bundle / path).is_file(), path
     assert not list(bundle.rglob("__pycache__"))
+
+
+def test_links_in_the_packed_docs_resolve(bundle):
+    """Every relative link and image of the packed documentation points at a file the bundle holds."""
+    broken = []
+    for doc in (bundle / "docs").glob("*.md"):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if not re.match(r"[a-z]+://|mailto:", target) and not (doc.parent / target).exists():
+                broken.append(f"{doc.name}: {target}")
+    assert not broken, broken
 
 
 def test_monai_verify_metadata_and_net_in_out(bundle):

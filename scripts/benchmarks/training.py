@@ -1,7 +1,7 @@
 """Training speed: the bundle's trainer against a plain loop over the same step, on the same batches.
 
     python -m scripts.benchmarks.training [--method mpamatch] [--encoder_name NAME] [--iterations 12] \\
-        [--warmup 2] [--recipe bundle/configs/recipes/cpu.json] [--amp true] [--compile true] [--peak_tflops 989]
+        [--warmup 2] [--recipe bundle/configs/recipes/cpu.json] [--amp true] [--compile true] [--peak_tflops TFLOPS]
 
 Two runs of ``train.json`` on the demo data, measured after ``--warmup`` iterations:
 
@@ -15,7 +15,8 @@ Two runs of ``train.json`` on the demo data, measured after ``--warmup`` iterati
 The overhead is ``trainer - plain loop - data wait``: what the engine and handlers add to each step. The figures
 are seconds per iteration (median), images per second (labeled + unlabeled images of one iteration), the FLOPs of
 one step (``torch.utils.flop_counter``) and, on a GPU, peak memory and the model FLOPs utilisation against
-``--peak_tflops`` (the device's dense bf16 / fp32 peak; H200 bf16: 989).
+``--peak_tflops`` (the device's dense bf16 peak; by default looked up from the GPU's name in ``BF16_PEAK_TFLOPS``,
+and no utilisation is reported for a GPU not listed there).
 """
 
 from __future__ import annotations
@@ -28,7 +29,21 @@ from pathlib import Path
 
 import fire
 
-__all__ = ["main"]
+__all__ = ["main", "BF16_PEAK_TFLOPS", "bf16_peak_tflops"]
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a part of the GPU's name.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``device_name`` (``torch.cuda.get_device_name()``), or None if unknown."""
+    import re
+
+    for part, peak in sorted(BF16_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):  # longest name first
+        if re.search(rf"\b{re.escape(part)}\b", device_name):  # whole words: "A10" is not "A10G", "L4" not "L40"
+            return peak
+    return None
 
 TRAIN = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "train.json"
 
@@ -148,7 +163,9 @@ def main(method: str = "mpamatch", encoder_name: str | None = None, iterations: 
               "gflops_per_it": flops / 1e9 if flops else None}
     if torch.device(device).type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        peak_tflops = peak_tflops or bf16_peak_tflops(torch.cuda.get_device_name(torch.device(device)))
         if peak_tflops:
+            result["peak_tflops"] = peak_tflops
             result["mfu"] = (flops / plain_s) / (peak_tflops * 1e12)
     print(f"| {method} | {encoder_name} | {device} | trainer {trainer_s:.3f} s/it ({images / trainer_s:.1f} img/s) | "
           f"plain loop {plain_s:.3f} s/it ({images / plain_s:.1f} img/s) | data wait {wait_s:.3f} s/it | "

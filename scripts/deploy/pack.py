@@ -36,6 +36,8 @@ def pack_bundle(out_dir: str = "dist", name: str = BUNDLE_NAME, model: str | Non
     shutil.copytree(REPO / "bundle" / "docs", target / "docs")
     for doc in (REPO / "docs").glob("*.md"):
         shutil.copy2(doc, target / "docs" / doc.name)
+    if (REPO / "docs" / "study").is_dir():  # the study outputs and plots that results.md shows
+        shutil.copytree(REPO / "docs" / "study", target / "docs" / "study")
     shutil.copy2(REPO / "LICENSE", target / "LICENSE")
     (target / "models").mkdir()
     checkpoint = Path(model) if model else REPO / "models" / "model.pt"

@@ -1,6 +1,6 @@
 """The semi-supervised trainer: UniMatch weak-to-strong consistency plus image- and text-prototype contrast.
 
-One iteration, top to bottom (docs/method.md, "Losses"):
+One iteration, top to bottom (docs/method.md, "The losses"):
 
 1. the CutMix source u' is predicted in eval mode without gradient; its strong views are pasted into u's inside
    the CutMix boxes;

@@ -1,6 +1,6 @@
 """UNI-TransUNet: a timm ViT encoder (UNI by default), a CNN skip branch and TransUNet's cascaded decoder.
 
-Layout (docs/method.md, "Network")::
+Layout (docs/architecture.md, "UNI-TransUNet: the network")::
 
     image ──ViT──> tokens ─reshape─> B x D x H/p x W/p ──conv3x3──> 512 ─┐
       └──CNN stem──> skips at 1/8 (512), 1/4 (256), 1/2 (64) ────────────┤

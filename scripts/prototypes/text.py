@@ -2,9 +2,10 @@
 
 Three sources, chosen by the config key ``text_source``:
 
-- ``prompt``: a frozen text tower built offline, weights from a local file: an open_clip architecture by name
-  (PLIP / QuiltNet / CLIP-compatible) or CONCH's (``text_arch: conch``, ``scripts/networks/conch.py``); M learnable context vectors
-  are prepended to each class description ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every
+- ``prompt``: a frozen text tower built offline, weights from a local file: CONCH's (``text_arch: conch``,
+  ``scripts/networks/conch.py``) or an open_clip architecture by name whose checkpoint is in open_clip's own layout
+  (``scripts/networks/text_towers.py``; PLIP and QuiltNet are published as Hugging Face CLIP models, which the
+  strict load refuses, docs/method.md); M learnable context vectors are prepended to each class description ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every
   step, so the context learns;
 - ``file``: fixed prototypes read from a ``.pt`` file (``python -m scripts.cli text-prototypes`` writes one);
 - ``random``: learnable random vectors. They carry no language prior, and the run says so loudly.
@@ -27,6 +28,7 @@ from torch import nn
 from scripts.config import as_bool
 from scripts.errors import ConfigError
 from scripts.networks.text_towers import build_text_tower, encode_text_features
+from scripts.networks.weights import state_misfit
 
 __all__ = ["TextPrototypes", "PromptTextPrototypes", "FixedTextPrototypes", "RandomTextPrototypes",
            "build_text_prototypes"]
@@ -74,10 +76,9 @@ class TextPrototypes(nn.Module):
         return full
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        expected = set(self.state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if strict and (missing or unexpected):
-            raise KeyError(f"Text-prototype state does not fit: missing {missing}, unexpected {unexpected}.")
+        problems = state_misfit(self.state_dict(), state_dict)
+        if strict and problems:
+            raise KeyError(f"Text-prototype state does not fit: {problems}.")
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def parameter_groups(self, lr: float) -> list[dict]:
@@ -215,8 +216,8 @@ class RandomTextPrototypes(TextPrototypes):
 def _warn_no_prior(reason: str) -> None:
     banner = "!" * 100
     message = (f"\n{banner}\nTEXT PROTOTYPES HAVE NO LANGUAGE PRIOR: {reason}. The text-prototype loss still runs, "
-               f"but it cannot bring knowledge from language.\nGive 'text_weights' (a local CONCH / PLIP / CLIP "
-               f"text tower) or 'text_prototype_file' for the real method.\n{banner}")
+               f"but it cannot bring knowledge from language.\nGive 'text_weights' (CONCH's text tower, or an "
+               f"open_clip checkpoint) or 'text_prototype_file' for the real method.\n{banner}")
     logger.warning(message)
 
 
