@@ -64,6 +64,10 @@ class InferencePipeline:
         mask = pipeline.segment_tensor(image_0_255)      # the same from a 3 x H x W tensor on the 0..255 scale
     """
 
+    # How to get a model file, in the words of the application that uses the pipeline.
+    train_hint = ("train first (python -m monai.bundle run training --config_file bundle/configs/train.json) or copy "
+                  "a model there")
+
     def __init__(self, model_path: str | os.PathLike, config_file: str | os.PathLike | None = None,
                  backend: str = "pytorch", device: str | torch.device | None = None, overrides: dict | None = None):
         self.config_file = Path(config_file) if config_file else INFERENCE_CONFIG
@@ -116,11 +120,15 @@ class InferencePipeline:
         }
         logger.info("Loaded %s (network %s)", self.model_path, self._parts["settings"])
 
+    def missing_model(self) -> str:
+        """What to tell a user who asks for a segmentation before there is a model file (``train_hint``)."""
+        return f"No trained model at {self.model_path} yet: {self.train_hint}."
+
     def parts(self) -> dict[str, Any]:
         """The built pipeline; rebuilt when the model file changed since the last call."""
         with self._lock:
             if not self.model_path.is_file():
-                raise FileNotFoundError(f"No trained model at {self.model_path}: train first or copy a model there.")
+                raise FileNotFoundError(self.missing_model())
             stamp = self._model_stamp()
             if stamp != self._stamp:
                 self._build()

@@ -54,7 +54,7 @@ class EntropyScoring(ScoringMethod):
 
     def score(self, datastore: Datastore, image_ids: list[str], force: bool = False) -> dict[str, float]:
         if not self.pipeline.available():
-            raise FileNotFoundError(f"No trained model at {self.pipeline.model_path}: train first (POST /train/gland).")
+            raise FileNotFoundError(self.pipeline.missing_model())
         stamp = _model_stamp(self.pipeline)
         scores = {}
         for image_id in image_ids:

@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -45,11 +44,7 @@ class GlandPipeline(InferencePipeline):
             raise FileNotFoundError(f"{config_file} not found: 'bundle_root' must be the bundle folder.")
         super().__init__(model_path, config_file, backend="pytorch", device=device, overrides=overrides)
 
-    def parts(self) -> dict[str, Any]:
-        if not self.model_path.is_file():
-            raise FileNotFoundError(f"No trained model at {self.model_path}: train first (POST /train/gland) or "
-                                    "copy a model.pt there.")
-        return super().parts()
+    train_hint = "train first (POST /train/gland) or copy a model.pt there"
 
 
 class GlandInferTask(InferTask):

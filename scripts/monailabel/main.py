@@ -136,8 +136,7 @@ class GlandApp(MONAILabelApp):
     def _check_model(self, request: dict) -> None:
         _known("model", request.get("model"), self._infers)
         if not self.pipeline.available():
-            raise HTTPException(status_code=409, detail=f"No trained model at {self.model_path} yet: train first "
-                                                        f"(POST /train/{MODEL}) or copy a model.pt there.")
+            raise HTTPException(status_code=409, detail=self.pipeline.missing_model())
 
     def _check_image(self, request: dict) -> None:
         image = request.get("image")
