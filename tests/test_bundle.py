@@ -213,7 +213,7 @@ def test_model_records_its_network_and_refuses_contradicting_overrides(trained, 
     record = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)["config"]
     assert record == {"num_classes": 2, "encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "n_skip": 3,
                       "skip_channels": [16, 8, 8], "decoder_channels": [16, 16, 8, 8], "embed_dim": record["embed_dim"],
-                      "hybrid": False, "roi_size": [32, 32], "image_scale": 1.0}
+                      "hybrid": False, "roi_size": [32, 32], "image_scale": 1.0, "class_names": ["background", "gland"]}
     result = run_bundle(
         "inference", INFERENCE, "--input_dir", Path(demo_data).parent / "test" / "images", "--encoder_name", "vit_small",
         "--roi_size", "[64,64]", "--ckpt_path", out / "models" / "model.pt", "--output_dir", tmp_path / "masks",

@@ -28,13 +28,13 @@ def test_ci_runs_the_readme_test_command():
 
 def test_inference_network_matches_training_network():
     """Inference and evaluation build the network and window a model records, from the keys training records."""
-    from scripts.networks import NETWORK_KEYS, WINDOW_KEYS
+    from scripts.networks import RECORD_KEYS
 
     train = json.loads((CONFIGS / "train.json").read_text())
     infer = json.loads((CONFIGS / "inference.json").read_text())
     evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
     training_only = {"encoder_weights", "freeze_encoder", "freeze_blocks", "grad_checkpointing"}
-    recorded = NETWORK_KEYS + WINDOW_KEYS
+    recorded = RECORD_KEYS
     for key in recorded:
         assert f"{key}=@{key}" in train["model_record"], f"train.json does not record '{key}' in model.pt"
         assert infer[key] == train[key], f"inference.json '{key}' differs from train.json (files without a record)"
@@ -45,6 +45,29 @@ def test_inference_network_matches_training_network():
         for key, value in config["network_def"].items():
             if key != "_target_":
                 assert value == f"$@model_settings['{'num_classes' if key == 'out_channels' else key}']", key
+
+
+def test_class_names_come_from_the_model_record_unless_renamed_on_the_command_line(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from scripts.errors import ConfigError
+    from scripts.networks import model_record, trained_settings
+
+    path = tmp_path / "model.pt"
+    torch.save({"model": {}, "config": model_record(num_classes=2, roi_size=[32, 32], class_names=["background", "crypt"])},
+               path)
+    config = {"num_classes": 2, "roi_size": [64, 64], "class_names": ["background", "gland"]}
+    assert trained_settings(path, config, argv=[])["class_names"] == ["background", "crypt"]
+    caplog.set_level(logging.INFO, logger="scripts.networks.record")
+    renamed = trained_settings(path, config, argv=["--class_names", "['background','gland']"])
+    assert renamed["class_names"] == ["background", "gland"] and renamed["roi_size"] == [32, 32]
+    assert "trained with class_names=['background', 'crypt']" in caplog.text
+    with pytest.raises(ConfigError, match="drop --roi_size"):  # a network or window key is still refused
+        trained_settings(path, config, argv=["--roi_size", "[64,64]", "--class_names", "['a','b']"])
+    wsi = json.loads((CONFIGS / "inference_wsi.json").read_text())
+    assert wsi["slide_segmenter"]["class_names"] == "$@model_settings['class_names']" and "class_names" not in wsi
 
 
 def test_metadata_pins_match_requirements():

@@ -26,7 +26,7 @@ from PIL import Image
 
 from scripts.files import atomic_path, write_text_atomically
 from scripts.monailabel.annotations import LabelError, image_size, is_tile, read_label_mask
-from scripts.networks import NETWORK_KEYS, WINDOW_KEYS, stored_record
+from scripts.networks import RECORD_KEYS, stored_record
 
 __all__ = ["GlandTrainTask", "build_datalist"]
 
@@ -128,7 +128,7 @@ class GlandTrainTask(TrainTask):
         record = stored_record(self.model_path) if finetune and self.model_path.is_file() else None
         if record is not None:
             # Fine-tuning keeps the served network's shape: its record decides the network keys.
-            settings.update({key: record[key] for key in (*NETWORK_KEYS, *WINDOW_KEYS) if key in record})
+            settings.update({key: record[key] for key in RECORD_KEYS if key in record})
             settings["init_weights"] = str(self.model_path)
         settings.update({"datalist": str(datalist), "ckpt_dir": str(run_dir / "models"),
                          "output_dir": str(run_dir / "runs"), "bundle_root": str(self.bundle_root), "resume": False})

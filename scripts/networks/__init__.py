@@ -3,7 +3,7 @@ module that reads every weights file (``weights.py``)."""
 
 from .weights import (TRAIN_FIRST, initialised, load_trained_weights, read_checkpoint, read_state_dict, state_misfit,
                       strip_prefix)
-from .record import NETWORK_KEYS, WINDOW_KEYS, model_record, stored_record, trained_settings
+from .record import LABEL_KEYS, NETWORK_KEYS, RECORD_KEYS, WINDOW_KEYS, model_record, stored_record, trained_settings
 from .encoders import ENCODER_PRESETS, build_encoder, encoder_patch_size, load_encoder_weights
 from .transunet import CascadedDecoder, ProjectionHead, SkipStem, TransUNetOutput, UNITransUNet
 from .conch import ConchTokenizer, build_conch_text_tower
@@ -23,6 +23,8 @@ __all__ = [
     "TRAIN_FIRST",
     "NETWORK_KEYS",
     "WINDOW_KEYS",
+    "LABEL_KEYS",
+    "RECORD_KEYS",
     "model_record",
     "trained_settings",
     "stored_record",

@@ -23,7 +23,7 @@ from scripts.errors import ConfigError
 
 from .weights import read_checkpoint
 
-__all__ = ["NETWORK_KEYS", "WINDOW_KEYS", "ONNX_RECORD_KEY", "model_record", "stored_record", "trained_settings",
+__all__ = ["NETWORK_KEYS", "WINDOW_KEYS", "LABEL_KEYS", "RECORD_KEYS", "ONNX_RECORD_KEY", "model_record", "stored_record", "trained_settings",
            "command_line_keys"]
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 NETWORK_KEYS = ("num_classes", "encoder_name", "encoder_kwargs", "n_skip", "skip_channels", "decoder_channels",
                 "embed_dim", "hybrid")
 WINDOW_KEYS = ("roi_size", "image_scale")
+# What the classes are called (background first): whole-slide GeoJSON names its features by them. Unlike the keys
+# above, a value given on the command line wins over the record, since renaming classes changes no computation.
+LABEL_KEYS = ("class_names",)
+RECORD_KEYS = NETWORK_KEYS + WINDOW_KEYS + LABEL_KEYS
 # Name of the ONNX metadata entry that holds the record as JSON.
 ONNX_RECORD_KEY = "mpamatch_config"
 # Arguments of ``python -m monai.bundle run`` that are not config keys.
@@ -51,6 +55,8 @@ def _normalised(key: str, value: Any) -> Any:
         return float(value)
     if key in ("num_classes", "n_skip", "embed_dim"):
         return int(value)
+    if key == "class_names":
+        return [str(v) for v in value]
     return value
 
 
@@ -59,9 +65,9 @@ def model_record(**settings: Any) -> dict:
 
     Example (train.json): ``"$scripts.networks.model_record(encoder_name=@encoder_name, roi_size=@roi_size, ...)"``
     """
-    unknown = sorted(set(settings) - set(NETWORK_KEYS) - set(WINDOW_KEYS))
+    unknown = sorted(set(settings) - set(RECORD_KEYS))
     if unknown:
-        raise ValueError(f"model_record: {unknown} are not network or window keys ({NETWORK_KEYS + WINDOW_KEYS}).")
+        raise ValueError(f"model_record: {unknown} are not network, window or label keys ({RECORD_KEYS}).")
     return {key: _normalised(key, value) for key, value in settings.items()}
 
 
@@ -96,12 +102,13 @@ def _shown(settings: Mapping[str, Any], keys) -> str:
 
 def trained_settings(ckpt_path: str | os.PathLike, settings: Mapping[str, Any], key: str = "ckpt_path",
                      enabled: bool | str = True, argv: list[str] | None = None) -> dict:
-    """The config's network and window keys, with those recorded in ``ckpt_path`` in their place.
+    """The config's network, window and label keys, with those recorded in ``ckpt_path`` in their place (a label
+    key given on the command line keeps its value).
 
     Args:
         ckpt_path: the trained ``model.pt`` or exported ``.onnx``; when it does not exist (yet) or ``enabled`` is
             false, ``settings`` are returned as they are.
-        settings: the config's values of ``NETWORK_KEYS`` / ``WINDOW_KEYS``.
+        settings: the config's values of ``RECORD_KEYS`` (or some of them).
         key: the config key naming ``ckpt_path``, for the messages. Defaults to ``"ckpt_path"``.
         enabled: false for a backend that does not read ``ckpt_path`` (ONNX). Defaults to True.
         argv: the command line to look for explicit keys in. Defaults to ``sys.argv``.
@@ -121,6 +128,12 @@ def trained_settings(ckpt_path: str | os.PathLike, settings: Mapping[str, Any], 
     stored = {name: _normalised(name, value) for name, value in stored.items() if name in settings}
     differing = [name for name, value in stored.items() if settings[name] != value]
     explicit = command_line_keys(argv)
+    renamed = [name for name in differing if name in explicit and name in LABEL_KEYS]
+    for name in renamed:  # the command line's names win; nothing is computed from them
+        logger.info("%s was trained with %s; %s from the command line is used.", ckpt_path, _shown(stored, [name]),
+                    _shown(settings, [name]))
+        del stored[name]
+    differing = [name for name in differing if name not in renamed]
     refused = [name for name in differing if name in explicit or name == "num_classes"]
     if refused:
         raise ConfigError(
