@@ -11,7 +11,7 @@ __all__ = ["atomic_path", "write_text_atomically"]
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
     """Yields a temporary path in ``path``'s folder; when the block ends without error it replaces ``path``.
 
     On an error (or a kill) the temporary file is removed (or left as a hidden ``.partial`` file), and ``path``
@@ -20,6 +20,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     Args:
         path: the file to write.
         suffix: ending of the temporary name, for writers that pick the format from it (e.g. ``".png"``).
+        fsync: flush the written file to the disk before the rename, so that a power cut cannot leave ``path``
+            renamed but empty (checkpoints). Defaults to False.
 
     Examples::
 
@@ -31,6 +33,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{suffix}")
     try:
         yield tmp
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

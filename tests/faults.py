@@ -47,9 +47,12 @@ def kill_at(trainer, evaluator, point: str, count: int) -> None:
             if isinstance(obj, dict) and "trainer" in obj:
                 writes["n"] += 1
                 if writes["n"] == count:
-                    handle.flush()
-                    handle.truncate(handle.tell() // 2)
-                    handle.flush()
+                    if isinstance(handle, (str, os.PathLike)):  # saved to the temporary path itself
+                        os.truncate(handle, os.path.getsize(handle) // 2)
+                    else:
+                        handle.flush()
+                        handle.truncate(handle.tell() // 2)
+                        handle.flush()
                     _die()
 
         checkpoint.torch.save = cut_save

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from scripts.errors import ConfigError, RunError
+from scripts.files import atomic_path
 
 __all__ = ["export_onnx", "check_onnx_parity", "OnnxSegmenter", "onnx_providers", "inference_network"]
 
@@ -77,8 +78,16 @@ def export_onnx(network: nn.Module, out: str | os.PathLike, example_size: Sequen
         check_sizes = [tuple(example_size), (1, 3, height + 2 * patch, max(patch, width - patch))]
     network = network.eval().cpu()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.onnx")
+    with atomic_path(out, suffix=".onnx") as tmp:  # the file appears only once it passed the parity check
+        worst = _export_checked(network, tmp, example_size, opset, record, check_sizes)
+    logger.info("Exported %s; largest logit difference against PyTorch %.2e over shapes %s", out, worst,
+                list(check_sizes))
+    return out
+
+
+def _export_checked(network: nn.Module, tmp: Path, example_size, opset: int, record, check_sizes) -> float:
+    """Exports ``network`` to ``tmp``, adds the model's record, checks it against PyTorch; returns the largest
+    logit difference."""
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     torch.onnx.export(network, (torch.randn(*example_size),), str(tmp), dynamo=True, opset_version=opset,
                       input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes={"x": dims},
@@ -92,14 +101,7 @@ def export_onnx(network: nn.Module, out: str | os.PathLike, example_size: Sequen
         entry = model.metadata_props.add()
         entry.key, entry.value = ONNX_RECORD_KEY, json.dumps(dict(record))
         onnx.save(model, str(tmp))
-    try:
-        worst = check_onnx_parity(network, tmp, check_sizes)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
-    logger.info("Exported %s; largest logit difference against PyTorch %.2e over shapes %s", out, worst, list(check_sizes))
-    return out
+    return check_onnx_parity(network, tmp, check_sizes)
 
 
 class OnnxSegmenter(nn.Module):

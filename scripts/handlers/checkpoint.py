@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +20,7 @@ from ignite.engine import Engine, Events
 
 from scripts.config import as_bool
 from scripts.errors import ConfigError
+from scripts.files import atomic_path
 from scripts.networks.weights import load_trained_weights, read_checkpoint
 
 __all__ = ["save_atomically", "BestMetricSaver", "TrainingStateSaver", "ResumeFromCheckpoint", "TrainedWeightsLoader",
@@ -47,20 +47,9 @@ def remove_stale_temporaries(path: str | os.PathLike) -> None:
 
 def save_atomically(objects: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Saves the state dicts of ``objects`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {name: _state_of(_unwrap(obj)) for name, obj in objects.items() if obj is not None}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, suffix=".tmp", fsync=True) as tmp:  # ".<name>.<pid>.partial.tmp"
+        torch.save(payload, tmp)
 
 
 class BestMetricSaver:

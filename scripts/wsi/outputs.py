@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tifffile
 
+from scripts.files import atomic_path
 from scripts.wsi.slide import TiffLevel
 
 __all__ = ["write_tiled_tiff", "write_mask_pyramid", "mask_to_geojson", "tile_grid"]
@@ -65,7 +66,6 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
     work.mkdir(parents=True, exist_ok=True)
     min_size = min_size or tile
     level_paths = [Path(level0)]
-    partial = out.parent / f".{out.name}.partial"
     try:
         with tifffile.TiffFile(level0) as handle:
             shapes = [tuple(int(v) for v in handle.pages[0].shape[:2])]
@@ -77,7 +77,7 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
             with tifffile.TiffFile(previous) as handle:
                 write_tiled_tiff(path, shape, tile, _halve(TiffLevel(handle.pages[0], fill=0), tile))
             shapes.append(shape)
-        with tifffile.TiffWriter(partial, bigtiff=True) as writer:
+        with atomic_path(out) as partial, tifffile.TiffWriter(partial, bigtiff=True) as writer:
             for index, (path, shape) in enumerate(zip(level_paths, shapes)):
                 with tifffile.TiffFile(path) as handle:
                     level = TiffLevel(handle.pages[0], fill=0)
@@ -85,9 +85,7 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
                         else {"metadata": None}
                     _write_page(writer, shape, tile, lambda t, l: level.read(t, l, tile, tile)[..., 0],
                                 mpp * 2 ** index if mpp else None, subfiletype=1 if index else 0, **extra)
-        os.replace(partial, out)
     finally:
-        partial.unlink(missing_ok=True)
         for path in level_paths[1:]:
             path.unlink(missing_ok=True)
         if work.exists() and not any(work.iterdir()):
@@ -190,8 +188,7 @@ def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int
     step = int(mask_scale or 1)
     counts: dict[str, int] = {}
     out = Path(out)
-    partial = out.parent / f".{out.name}.partial"
-    try:
+    with atomic_path(out) as partial:
         with tifffile.TiffFile(level0) as handle, open(partial, "w") as stream:
             level = TiffLevel(handle.pages[0], fill=0)
             height, width = level.shape
@@ -243,7 +240,4 @@ def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int
                     for root in {group.find(i) for i in candidates} - still_open:
                         emit(group.pop_union(root), cls)
             stream.write("\n]}\n")
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
     return counts

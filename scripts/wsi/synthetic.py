@@ -15,6 +15,7 @@ import numpy as np
 import tifffile
 
 from scripts.data.synthetic import synthesize_tile
+from scripts.files import atomic_path
 
 __all__ = ["write_synthetic_slide", "demo_slide"]
 
@@ -90,9 +91,7 @@ def write_synthetic_slide(path: str | os.PathLike, height: int, width: int, tile
         return out
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with tifffile.TiffWriter(partial, bigtiff=True) as writer:
+    with atomic_path(path) as partial, tifffile.TiffWriter(partial, bigtiff=True) as writer:
         level, shape = 0, (height, width)
         while True:
             tiles = (level_tile(level, top, left) for top in range(0, shape[0], tile)
@@ -104,7 +103,6 @@ def write_synthetic_slide(path: str | os.PathLike, height: int, width: int, tile
             if max(shape) <= tile or 2 ** (level + 1) > tile:
                 break
             level, shape = level + 1, (math.ceil(shape[0] / 2), math.ceil(shape[1] / 2))
-    os.replace(partial, path)
     if mask_path is not None:
         from scripts.wsi.outputs import write_tiled_tiff
 
