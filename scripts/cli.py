@@ -87,13 +87,15 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     from monai.bundle import ConfigParser
 
     from scripts.deploy import export_onnx as export
-    from scripts.networks import RECORD_KEYS, load_trained_weights, model_record, stored_record, trained_settings
+    from scripts.networks import (LABEL_KEYS, RECORD_KEYS, load_trained_weights, model_record, stored_record,
+                                  trained_settings)
 
     parser = ConfigParser()
     parser.read_config(config_file)
     for key, value in overrides.items():
         parser[key] = value
-    keys = RECORD_KEYS
+    # a config of its own may lack the label keys (class names); the network and window keys it must have
+    keys = [key for key in RECORD_KEYS if key not in LABEL_KEYS or parser.get(key) is not None]
     settings = trained_settings(ckpt, {key: parser.get_parsed_content(key) for key in keys}, key="--ckpt",
                                 argv=[f"--{key}" for key in overrides])
     for key in keys:

@@ -30,6 +30,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = False) 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path, suffix)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{suffix}")
     try:
         yield tmp
@@ -39,6 +40,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = False) 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_orphans(path: Path, suffix: str) -> None:
+    """Deletes temporaries of ``path`` left by killed processes (their process id no longer runs on this host), so a
+    killed run does not leave a half-written copy of, say, a large slide mask behind for good."""
+    for orphan in path.parent.glob(f".{path.name}.*.partial{suffix}"):
+        pid = orphan.name[len(path.name) + 2:-len(f".partial{suffix}")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            orphan.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            pass
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:

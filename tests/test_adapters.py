@@ -179,6 +179,7 @@ def test_seeded_splits_hold_out_in_order_and_stratify():
     rest = [n for n in names if n not in test]
     assert split["validation"] == stratified_pick(rest, [groups[names.index(n)] for n in rest], 6, 8)
     assert seeded_splits(names, groups, 7, test=(0.25, None), validation=(None, 6), labeled=(0.5, None)) == split
+    assert seeded_splits(names, groups, 7, test=(None, None), validation=(0.1, None))["test"] == []  # no test split
     with pytest.raises(ConfigError, match=r"No labeled training images are left \(40 images, 0 held out"):
         seeded_splits(names, groups, 0, labeled=(0.0, None))
     report_problems("Folder 'x'", [])

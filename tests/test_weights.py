@@ -31,6 +31,10 @@ def test_wrapped_and_prefixed_checkpoints_load(tmp_path):
     encoder = build_encoder("vit_tiny", depth=2)
     load_encoder_weights(encoder, path, "vit_tiny")
     torch.testing.assert_close(encoder.pos_embed, state["pos_embed"])
+    # a wrapped wrapper: DataParallel around a model that held the encoder; both prefixes come off
+    torch.save({f"module.encoder.{k}": v * 2 for k, v in state.items()}, path)
+    load_encoder_weights(encoder, path, "vit_tiny")
+    torch.testing.assert_close(encoder.pos_embed, state["pos_embed"] * 2)
 
 
 def test_weights_of_other_architecture_listed(tmp_path):

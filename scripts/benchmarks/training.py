@@ -32,7 +32,7 @@ import fire
 __all__ = ["main", "BF16_PEAK_TFLOPS", "bf16_peak_tflops"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a part of the GPU's name.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H200 NVL": 835.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
                     "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
 
@@ -163,7 +163,9 @@ def main(method: str = "mpamatch", encoder_name: str | None = None, iterations: 
               "gflops_per_it": flops / 1e9 if flops else None}
     if torch.device(device).type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        peak_tflops = peak_tflops or bf16_peak_tflops(torch.cuda.get_device_name(torch.device(device)))
+        if not peak_tflops and as_bool(parser.get_parsed_content("amp"), "amp") \
+                and parser.get_parsed_content("amp_dtype") == "bfloat16":  # the table holds bf16 peaks only
+            peak_tflops = bf16_peak_tflops(torch.cuda.get_device_name(torch.device(device)))
         if peak_tflops:
             result["peak_tflops"] = peak_tflops
             result["mfu"] = (flops / plain_s) / (peak_tflops * 1e12)

@@ -31,15 +31,18 @@ INFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "bundle" / "configs" / 
 _POST_KEYS = ("min_object_size", "fill_holes", "split_touching")
 
 
-def image_reader(config_file: str | os.PathLike | None = None):
+def image_reader(config_file: str | os.PathLike | None = None, overrides: dict | None = None):
     """``inference.json``'s ``load_image`` transform: ``{"image": path}`` -> a channel-first RGB image on the 0..255
     scale, read as the bundle's inference reads it. Needs no model, so a folder can be read before one is loaded.
 
     Args:
         config_file: the inference config. Defaults to the bundle's ``configs/inference.json``.
+        overrides: keys of that config to set first (as ``InferencePipeline`` takes them).
     """
     parser = ConfigParser()
     parser.read_config(str(config_file or INFERENCE_CONFIG))
+    for key, value in (overrides or {}).items():
+        parser[key] = value
     return parser.get_parsed_content("load_image")
 
 

@@ -54,6 +54,9 @@ class _Objects:
         labels = np.asarray(labels)
         if labels.size and labels.min() < 0:
             raise ValueError(f"instance ids must be >= 0, got {labels.min()}")
+        if labels.size and labels.max() > labels.size:  # sparse, very large ids: a table by id would not fit
+            values, inverse = np.unique(labels, return_inverse=True)
+            labels = inverse.reshape(labels.shape) + (0 if values[0] == 0 else 1)  # 0 stays background
         counts = np.bincount(labels.ravel())
         ids = np.flatnonzero(counts[1:]) + 1
         if len(ids) and ids[-1] != len(ids):  # ids with gaps (an annotation with objects removed): number 1..n

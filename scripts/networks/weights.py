@@ -69,11 +69,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
-    """``state`` without the first of ``prefixes`` that every key starts with (exporters and DataParallel
-    wrappers add ``module.``, ``model.``, ...); unchanged when no prefix is shared by all keys."""
+    """``state`` without the ``prefixes`` that every key starts with, taken off in their order (exporters and
+    DataParallel wrappers add ``module.``, ``encoder.``, ``model.``; ``module.encoder.x`` loses both); a prefix not
+    shared by all keys is left alone."""
     for prefix in prefixes:
         if state and all(key.startswith(prefix) for key in state):
-            return {key[len(prefix):]: value for key, value in state.items()}
+            state = {key[len(prefix):]: value for key, value in state.items()}
     return state
 
 

@@ -83,7 +83,8 @@ def seeded_splits(names: Sequence[str], groups: Sequence[str], seed: int, *,
         if step is None:
             continue
         ratio, count = step
-        n = resolve_count(len(rest), None if count is not None else ratio, count, what)
+        n = 0 if ratio is None and count is None else resolve_count(len(rest), None if count is not None else ratio,
+                                                                   count, what)
         out[what] = stratified_pick(rest, [group_of[name] for name in rest], n, step_seed) if n else []
         taken = set(out[what])
         rest = [name for name in rest if name not in taken]

@@ -49,7 +49,7 @@ class GlandSegmentationApp(Application):
     def compose(self):
         context = init_app_context(self.argv)
         overrides = dict(self.kwargs("inference") or {})
-        self.loader = ImageFolderLoader(context.input_path)
+        self.loader = ImageFolderLoader(context.input_path, overrides=overrides)
         segmenter = TiledOnnxSegmenter(context.model_path, overrides)
         logger.info("Segmenting %d images of %s with %s (%s) into %s", len(self.loader.paths), context.input_path,
                     segmenter.network.path, segmenter.network.session.get_providers()[0], context.output_path)

@@ -59,6 +59,7 @@ class ImageFolderLoader:
     Args:
         input_dir: folder of PNG / JPEG / TIFF / BMP images.
         config_file: the inference config. Defaults to the bundle's ``configs/inference.json``.
+        overrides: keys of that config (app.yaml's ``inference`` section), as the segmenter gets them.
 
     Raises:
         ConfigError: when the folder is missing, holds no images, or none of them can be read.
@@ -70,10 +71,11 @@ class ImageFolderLoader:
         loader.report()  # raises, naming every unreadable file, if there was one
     """
 
-    def __init__(self, input_dir: str | os.PathLike, config_file: str | os.PathLike | None = None):
+    def __init__(self, input_dir: str | os.PathLike, config_file: str | os.PathLike | None = None,
+                 overrides: dict | None = None):
         self.inputs: InferenceInputs = scan_inputs(input_dir)
         self.paths = [item["image"] for item in self.inputs.items]
-        self._read = image_reader(config_file)
+        self._read = image_reader(config_file, overrides)
 
     def load(self, path: str) -> MetaTensor | None:
         """The image at ``path`` (3 x H x W, float, with its file name in ``meta``), or None when it cannot be read."""
