@@ -32,8 +32,8 @@ import fire
 __all__ = ["main", "BF16_PEAK_TFLOPS", "bf16_peak_tflops"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a part of the GPU's name.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H200 NVL": 835.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0,
-                    "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H200 NVL": 835.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:

@@ -23,8 +23,8 @@ from scripts.errors import ConfigError
 
 from .weights import read_checkpoint
 
-__all__ = ["NETWORK_KEYS", "WINDOW_KEYS", "LABEL_KEYS", "RECORD_KEYS", "ONNX_RECORD_KEY", "model_record", "stored_record", "trained_settings",
-           "command_line_keys"]
+__all__ = ["NETWORK_KEYS", "WINDOW_KEYS", "LABEL_KEYS", "RECORD_KEYS", "ONNX_RECORD_KEY", "model_record", "stored_record",
+           "trained_settings", "command_line_keys"]
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ Three sources, chosen by the config key ``text_source``:
 - ``prompt``: a frozen text tower built offline, weights from a local file: CONCH's (``text_arch: conch``,
   ``scripts/networks/conch.py``) or an open_clip architecture by name whose checkpoint is in open_clip's own layout
   (``scripts/networks/text_towers.py``; PLIP and QuiltNet are published as Hugging Face CLIP models, which the
-  strict load refuses, docs/method.md); M learnable context vectors are prepended to each class description ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every
-  step, so the context learns;
+  strict load refuses, docs/method.md); M learnable context vectors are prepended to each class description
+  ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every step, so the context learns;
 - ``file``: fixed prototypes read from a ``.pt`` file (``python -m scripts.cli text-prototypes`` writes one);
 - ``random``: learnable random vectors. They carry no language prior, and the run says so loudly.
 

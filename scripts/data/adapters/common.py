@@ -158,10 +158,20 @@ class StudyData:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def scan_with_adapter(adapter: Callable, root: Path, scratch: Path, **kwargs) -> dict[str, list[dict]]:
-    """Runs an adapter with every image labeled and nothing held out, so it lists (and checks) the whole set."""
-    out = adapter(root, scratch / "scan.json", labeled_ratio=1.0, validation_ratio=0.0, **kwargs)
-    return load_sections(out)
+def scan_with_adapter(adapter: Callable, group: Callable[[dict], str], root: Path, test_root: Path | None,
+                      scratch: Path, **kwargs) -> StudyData:
+    """The study's view of a data set its own adapter lists: the adapter runs with every image labeled and nothing
+    held out, so it lists (and checks) the whole set; annotated images form the pool, each with ``group(entry)``,
+    unlabeled ones stay unlabeled, and every annotated image of ``test_root`` is the test set."""
+    def listed(folder: Path) -> dict[str, list[dict]]:
+        return load_sections(adapter(folder, scratch / "scan.json", labeled_ratio=1.0, validation_ratio=0.0, **kwargs))
+
+    def annotated(sections: dict[str, list[dict]]) -> list[dict]:
+        return [dict(entry, group=group(entry)) for entry in sections["training"]]
+
+    sections = listed(root)
+    test = annotated(listed(test_root)) if test_root is not None else None
+    return StudyData(annotated(sections), unlabeled=sections["unlabeled"], test=test)
 
 
 def link_into_view(target: str, link: Path) -> None:

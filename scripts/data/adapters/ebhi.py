@@ -112,12 +112,7 @@ def ebhi_datalist(root: str | os.PathLike, out: str | os.PathLike, preset: str =
 def study_scan(root: Path, test_root: Path | None, scratch: Path, **fixed) -> StudyData:
     """The study's EBHI-SEG pool for one preset (``fixed``): annotated images grouped by class; images without a
     label stay unlabeled; test = every annotated image of ``test_root``."""
-    scan = scan_with_adapter(ebhi_datalist, root, scratch, **fixed)
-    pool = [dict(e, group=e["class"]) for e in scan["training"]]
-    test = None
-    if test_root is not None:
-        test = [dict(e, group=e["class"]) for e in scan_with_adapter(ebhi_datalist, test_root, scratch, **fixed)["training"]]
-    return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
+    return scan_with_adapter(ebhi_datalist, lambda entry: entry["class"], root, test_root, scratch, **fixed)
 
 
 def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:

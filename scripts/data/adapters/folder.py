@@ -114,12 +114,7 @@ def csv_datalist(csv_path: str | os.PathLike, out: str | os.PathLike, labeled_ra
 def study_scan(root: Path, test_root: Path | None, scratch: Path, **fixed) -> StudyData:
     """The study's pool of an ``images/`` + ``masks/`` folder (one group); ``unlabeled/`` stays unlabeled; test =
     every annotated image of ``test_root``."""
-    scan = scan_with_adapter(folder_datalist, root, scratch, **fixed)
-    pool = [dict(e, group="all") for e in scan["training"]]
-    test = None
-    if test_root is not None:
-        test = [dict(e, group="all") for e in scan_with_adapter(folder_datalist, test_root, scratch, **fixed)["training"]]
-    return StudyData(pool, unlabeled=scan["unlabeled"], test=test)
+    return scan_with_adapter(folder_datalist, lambda entry: "all", root, test_root, scratch, **fixed)
 
 
 def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
