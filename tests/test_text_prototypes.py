@@ -69,6 +69,19 @@ def test_local_text_weights_load_and_mismatch(tmp_path):
         build_text_tower("ViT-B-16", weights=path, text_cfg={"layers": 2})
 
 
+@pytest.mark.parametrize("arch", ["roberta-ViT-B-32", "ViT-B-16-SigLIP", "ViT-L-14-CLIPA"])
+def test_hub_text_models_and_tokenizers_are_refused(arch, monkeypatch):
+    import open_clip
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hugging Face Hub was asked for a text model or tokenizer")
+
+    monkeypatch.setattr(open_clip.tokenizer, "HFTokenizer", no_hub)
+    monkeypatch.setattr(open_clip, "create_model", no_hub)
+    with pytest.raises(ConfigError, match=f"text_arch '{arch}' takes its text model or tokenizer from the Hugging Face"):
+        build_text_tower(arch, text_cfg=TINY_TEXT)
+
+
 def test_fixed_prototypes_from_file(tmp_path):
     path = tmp_path / "protos.pt"
     torch.save({"prototypes": torch.tensor([[3.0, 4.0], [1.0, 0.0]])}, path)

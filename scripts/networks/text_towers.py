@@ -24,6 +24,9 @@ def build_text_tower(arch: str, weights: str | os.PathLike | None = None, text_c
                      tokenizer_file: str | os.PathLike | None = None):
     """A frozen text tower without any image tower, weights from a local file. Returns (model, tokenizer).
 
+    Nothing is downloaded: open_clip architectures whose text model or tokenizer comes from the Hugging Face Hub
+    (``hf_model_name`` / ``hf_tokenizer_name`` in their text config: RoBERTa, mT5, NLLB, SigLIP, ...) are refused.
+
     Args:
         arch: ``"conch"`` for CONCH's text tower, or an open_clip architecture name, e.g. ``"ViT-B-16"``.
         weights: local checkpoint of the whole model or of its text tower; image-tower keys are ignored.
@@ -43,10 +46,15 @@ def build_text_tower(arch: str, weights: str | os.PathLike | None = None, text_c
             f"Unknown text encoder architecture '{arch}' (config key 'text_arch'); use 'conch' or an open_clip name "
             "such as 'ViT-B-16' (python -c \"import open_clip; print(open_clip.list_models())\" lists them)."
         )
-    kwargs = {}
-    if text_cfg:
-        base = open_clip.get_model_config(arch)["text_cfg"]
-        kwargs["text_cfg"] = {**base, **text_cfg}
+    base = open_clip.get_model_config(arch)["text_cfg"]
+    hub_name = base.get("hf_model_name") or base.get("hf_tokenizer_name")
+    if hub_name:  # open_clip would fetch this text model or tokenizer from the Hugging Face Hub
+        raise ConfigError(
+            f"text_arch '{arch}' takes its text model or tokenizer from the Hugging Face Hub ('{hub_name}'), and this "
+            "bundle reads local files only. Use an open_clip architecture with the built-in CLIP tokenizer (e.g. "
+            "'ViT-B-16'), or text_arch 'conch' with its local text_tokenizer file."
+        )
+    kwargs = {"text_cfg": {**base, **text_cfg}} if text_cfg else {}
     model = open_clip.create_model(arch, pretrained=None, **kwargs)
     model.visual = None  # the image tower is never used; free its memory
     if weights:
