@@ -192,6 +192,8 @@ def test_study_writes_results_masks_and_plot(study, demo_data):
         assert float(row["train_seconds"]) > 0
     markdown = (out / "results.md").read_text()
     assert "| supervised | 0.5 | 1 |" in markdown and "| unimatch | 0.5 | 1 |" in markdown
+    # the data folder lies outside the folder the study ran from: named by its name, no absolute path of this machine
+    assert "- data: `demo` from `demo`" in markdown and str(out.parent.parent) not in markdown
     assert "all foreground (trivial)" in markdown and "| unimatch | 0.5 | 1 | 2 |" in markdown  # paired: 1 seed, 2 images
     plot = (out / "label_efficiency.png").read_bytes()
     assert plot.startswith(PNG_SIGNATURE) and len(plot) > 1000
@@ -207,6 +209,15 @@ def test_study_writes_results_masks_and_plot(study, demo_data):
         assert "--resume False" in (out / "runs" / run / "train.log").read_text()
     recorded = json.loads((out / "study.json").read_text())
     assert recorded["test"] == {"demo_test_section": True} and recorded["training"]["overrides"] == TINY_OVERRIDE
+
+
+def test_reports_name_folders_relative_to_where_the_study_ran(tmp_path, monkeypatch):
+    from scripts.study import shown_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_folder(tmp_path / "data" / "GlaS-train", Path.cwd()) == os.path.join("data", "GlaS-train")
+    assert shown_folder(tmp_path.parent / "elsewhere" / "GlaS-train", Path.cwd()) == "GlaS-train"
+    assert shown_folder(REPO / "bundle" / "configs" / "train.json", REPO) == "bundle/configs/train.json"
 
 
 def test_rerun_skips_finished_runs(study, caplog):

@@ -78,7 +78,7 @@ def test_hub_text_models_and_tokenizers_are_refused(arch, monkeypatch):
 
     monkeypatch.setattr(open_clip.tokenizer, "HFTokenizer", no_hub)
     monkeypatch.setattr(open_clip, "create_model", no_hub)
-    with pytest.raises(ConfigError, match=f"text_arch '{arch}' takes its text model or tokenizer from the Hugging Face"):
+    with pytest.raises(ConfigError, match=f"text_arch '{arch}' takes its text model or tokenizer from the Hugging"):
         build_text_tower(arch, text_cfg=TINY_TEXT)
 
 

@@ -37,7 +37,8 @@ from .masks import MASK_DIR_NAME, write_mask_config
 from .report import (METRIC_COLUMNS, trivial_baseline, write_label_efficiency_plot, write_results_csv,
                      write_results_markdown)
 
-__all__ = ["StudyOptions", "StudyRun", "encode_override", "parse_args", "run_study", "main", "REPO_ROOT"]
+__all__ = ["StudyOptions", "StudyRun", "encode_override", "parse_args", "run_study", "main", "shown_folder",
+           "REPO_ROOT"]
 
 logger = logging.getLogger("scripts.study")
 
@@ -460,15 +461,16 @@ class Study:
         ratios = sorted({*o.labeled_ratios, *(float(r["labeled_ratio"]) for r in results)})
         seeds = sorted({*o.seeds, *(int(r["seed"]) for r in results)})
         write_results_csv(self.out / "results.csv", rows)
+        here = Path.cwd()
         if self.test_root is not None:
-            test_note = f"{n_test} images from --test_root {self.test_root}"
+            test_note = f"{n_test} images from --test_root `{shown_folder(self.test_root, here)}`"
         elif o.data == "demo":
             test_note = f"the demo data set's test section ({n_test} images)"
         else:
             test_note = (f"{n_test} training images held out with seed {TEST_SEED} (stratified by the adapter's group; "
                          "never trained on or used for model selection)")
-        shown = [os.path.relpath(p, REPO_ROOT) if Path(p).is_relative_to(REPO_ROOT) else str(p) for p in self.train_files]
-        header = [f"data: `{o.data}` from `{self.root}`", f"test set: {test_note}",
+        shown = [shown_folder(Path(p), REPO_ROOT) for p in self.train_files]
+        header = [f"data: `{o.data}` from `{shown_folder(self.root, here)}`", f"test set: {test_note}",
                   f"validation and labeled splits: the adapter's own, split seed {o.split_seed}",
                   f"config files: {', '.join(f'`{p}`' for p in shown)}",
                   f"overrides: `{json.dumps(o.overrides)}`" if o.overrides else "overrides: none",
@@ -477,6 +479,13 @@ class Study:
         write_results_markdown(self.out / "results.md", results, rows, methods, ratios, trivial, header)
         write_label_efficiency_plot(self.out / "label_efficiency.png", results, methods, ratios,
                                     trivial_dice, title=f"{o.data}: test Dice on {n_test} test images")
+
+
+def shown_folder(path: Path, start: Path) -> str:
+    """A path as a report names it: relative to ``start`` (where the study ran, or the repository for config files)
+    when it lies inside, else by its own name, so that a report kept with its results names no absolute path of the
+    machine it was written on."""
+    return os.path.relpath(path, start) if path.is_relative_to(start) else path.name
 
 
 def _csv_row(result: dict, trivial_dice: float) -> dict:
