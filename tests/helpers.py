@@ -15,7 +15,6 @@ from PIL import Image
 from scripts.networks import UNITransUNet
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 TRAIN = REPO / "bundle" / "configs" / "train.json"
 
 
@@ -90,14 +89,20 @@ def tiny_network():
                         skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512).eval()
 
 
+def subprocess_env(**extra):
+    """The environment of a test's subprocess: this process's environment as it is now (so variables a test sets
+    with ``monkeypatch.setenv`` reach the subprocess), offline, the repository on ``PYTHONPATH``, then ``extra``."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **extra}
+
+
 def run_python(args, cwd=REPO, repo_on_path=True):
     """Runs ``python <args>`` offline in ``cwd`` (the repository root by default); returns the completed process.
 
     ``repo_on_path=False`` leaves the repository off ``PYTHONPATH``, so a packed bundle imports its own scripts/.
     """
-    env = dict(ENV)
+    env = subprocess_env()
     if not repo_on_path:
-        env.pop("PYTHONPATH", None)
+        env.pop("PYTHONPATH")
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -1,5 +1,7 @@
 """The MONAI Deploy application: its operators' compute writes the bundle's ONNX masks and reports bad inputs; the
 whole application runs end to end where the MONAI Deploy App SDK is installed (scripts/deploy/app/requirements.txt).
+Without the SDK those tests are skipped, unless ``MPAMATCH_REQUIRE_DEPLOY=1`` (the Deploy environment's test command)
+makes them fail, so a broken SDK install cannot pass as skipped tests.
 """
 
 import json
@@ -10,21 +12,25 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from monai.utils import optional_import
 from PIL import Image
 
 from scripts.deploy import export_onnx
 from scripts.deploy.app import ImageFolderLoader, MaskWriter, TiledOnnxSegmenter, resolve_model_path
 from scripts.deploy.app.stage import stage_app
 from scripts.errors import ConfigError
-from tests.helpers import NET_ARGS, REPO, run_python, tiny_network
+from tests.helpers import NET_ARGS, REPO, run_python, subprocess_env, tiny_network
 
 APP = REPO / "scripts" / "deploy" / "app"
 ROI = [32, 32]
 # The tiny network's keys (NET_ARGS) as inference.json overrides, for the model exported without its record.
 NET_SETTINGS = {"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
                 "decoder_channels": [16, 16, 8, 8]}
-_, HAS_SDK = optional_import("monai.deploy.core")
+try:
+    import monai.deploy.core  # noqa: F401
+
+    NO_SDK = ""
+except ImportError as error:
+    NO_SDK = f"MONAI Deploy App SDK not importable ({error}): install scripts/deploy/app/requirements.txt"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +50,15 @@ def images(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / name)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     return folder
+
+
+@pytest.fixture
+def sdk():
+    """Skips a whole-application test without the SDK, or fails it where ``MPAMATCH_REQUIRE_DEPLOY=1``."""
+    if NO_SDK and os.environ.get("MPAMATCH_REQUIRE_DEPLOY") == "1":
+        pytest.fail(f"{NO_SDK}; MPAMATCH_REQUIRE_DEPLOY=1 requires the whole-application tests to run")
+    if NO_SDK:
+        pytest.skip(NO_SDK)
 
 
 def read_masks(folder):
@@ -190,8 +205,7 @@ def test_stage_writes_the_map_source_folder(tmp_path):
         stage_app(tmp_path / "other")
 
 
-@pytest.mark.skipif(not HAS_SDK, reason="MONAI Deploy App SDK not installed (scripts/deploy/app/requirements.txt)")
-def test_application_end_to_end(model, images, bundle_masks, tmp_path, monkeypatch):
+def test_application_end_to_end(sdk, model, images, bundle_masks, tmp_path, monkeypatch):
     settings = yaml.safe_load((APP / "app.yaml").read_text())
     settings["inference"] = {"roi_size": ROI, **NET_SETTINGS}
     (tmp_path / "app.yaml").write_text(yaml.safe_dump(settings))
@@ -211,8 +225,8 @@ def test_application_end_to_end(model, images, bundle_masks, tmp_path, monkeypat
     result = run_python(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out2"])
     assert result.returncode != 0 and f"ONNX model '{missing}' does not exist" in result.stderr, result.stderr[-3000:]
 
-@pytest.mark.skipif(not HAS_SDK, reason="MONAI Deploy App SDK not installed (scripts/deploy/app/requirements.txt)")
-def test_staged_folder_runs_as_in_a_map(model, images, bundle_masks, tmp_path):
+
+def test_staged_folder_runs_as_in_a_map(sdk, model, images, bundle_masks, tmp_path):
     """The MAP runs ``python3 /opt/holoscan/app`` with paths from HOLOSCAN_* variables and models in sub-folders."""
     staged = stage_app(tmp_path / "map")
     (tmp_path / "models" / "gland").mkdir(parents=True)
@@ -222,8 +236,8 @@ def test_staged_folder_runs_as_in_a_map(model, images, bundle_masks, tmp_path):
     (staged / "app.yaml").write_text(yaml.safe_dump(settings))
     env = {"PYTHONPATH": "", "HOLOSCAN_CONFIG_PATH": str(staged / "app.yaml"), "HOLOSCAN_INPUT_PATH": str(images),
            "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"), "HOLOSCAN_MODEL_PATH": str(tmp_path / "models")}
-    result = subprocess.run([sys.executable, str(staged)], cwd=tmp_path, env={**os.environ, **env},
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(staged)], cwd=tmp_path, env=subprocess_env(**env), capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode != 0 and "broken.png" in result.stderr, result.stderr[-3000:]
     masks = read_masks(tmp_path / "out")
     assert masks.keys() == bundle_masks.keys()

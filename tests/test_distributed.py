@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from scripts.engines import all_processes_agree, all_reduce_sum_, average_gradients_
 from scripts.prototypes import PrototypeBank
-from tests.helpers import ENV, REPO, TINY_MPAMATCH, TRAIN, assert_same
+from tests.helpers import REPO, TINY_MPAMATCH, TRAIN, assert_same, subprocess_env
 
 MULTI = REPO / "bundle" / "configs" / "multi_gpu_train.json"
 STATE_KEYS = ("network", "optimizer", "prototype_bank", "text_prototypes")
@@ -50,7 +50,7 @@ def _torchrun(datalist, folder: Path, probes: tuple[str, ...] = (), **overrides)
            "run", "training", "--config_file", f"['{TRAIN}','{MULTI}','{folder / 'probe.json'}']"]
     for key, value in {**TINY_MPAMATCH, "datalist": datalist, **overrides}.items():
         cmd += [f"--{key}", str(value).replace(" ", "")]
-    result = subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result
@@ -178,7 +178,7 @@ def _evaluate(config_files: list[Path], datalist, model: Path, out: Path, proces
     cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "evaluating", "--config_file", files,
            "--datalist", str(datalist), "--ckpt_path", str(model), "--eval_dir", str(out / "eval"),
            "--output_dir", str(out / "runs"), "--bundle_root", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result
@@ -210,7 +210,7 @@ def _infer(config_files: list[Path], images: Path, model: Path, out: Path, proce
     files = "[" + ",".join(f"'{f}'" for f in config_files) + "]"
     cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "inference", "--config_file", files,
            "--input_dir", str(images), "--ckpt_path", str(model), "--output_dir", str(out), "--bundle_root", str(out)]
-    return subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
 
 
@@ -266,7 +266,7 @@ def test_a_sharded_slide_run_segments_each_slide_once_as_one_process(tmp_path):
         cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", listed, *NET_ARGS,
                "--roi_size", "[64,64]", "--slides", str(slides), "--ckpt_path", str(tmp_path / "model.pt"),
                "--wsi_output_dir", str(out), "--wsi_tile_size", "256", "--bundle_root", str(tmp_path)]
-        result = subprocess.run(cmd, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         runs[processes] = (out, result.stdout + result.stderr)

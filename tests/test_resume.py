@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from scripts.errors import ConfigError
-from tests.helpers import ENV, REPO, TINY_MPAMATCH, TRAIN, assert_same
+from tests.helpers import REPO, TINY_MPAMATCH, TRAIN, assert_same, subprocess_env
 
 
 # A tiny MPAMatch run: 4 unlabeled images in batches of 2 make 2 iterations an epoch; 3 epochs, validation on
@@ -35,7 +35,7 @@ def _command(demo_data, folder, extra_config=None, **overrides):
 
 
 def _train(demo_data, folder, check=True, extra_config=None, **overrides):
-    result = subprocess.run(_command(demo_data, folder, extra_config, **overrides), cwd=REPO, env=ENV,
+    result = subprocess.run(_command(demo_data, folder, extra_config, **overrides), cwd=REPO, env=subprocess_env(),
                             capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -238,8 +238,8 @@ def _holder(folder: Path):
     """Another process that takes the training lock of ``folder`` and keeps it for a minute."""
     code = ("import sys, time; from scripts.handlers import acquire_run_lock; acquire_run_lock(sys.argv[1]); "
             "print('ready', flush=True); time.sleep(60)")
-    process = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, env=subprocess_env(),
+                               stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
     return process
 
