@@ -7,6 +7,6 @@ from .errors import ConfigError
 # The folder that holds scripts/ and models/: the repository root, or dist/<bundle_name>/ in a packed bundle.
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 
-from . import data, deploy, engines, handlers, inference, losses, metrics, networks, prototypes, wsi  # noqa: E402
+from . import bundle_args, data, deploy, engines, handlers, inference, losses, metrics, networks, prototypes, wsi  # noqa: E402
 
-__all__ = ["BUNDLE_ROOT", "ConfigError", "data", "deploy", "engines", "handlers", "inference", "losses", "metrics", "networks", "prototypes", "wsi"]
+__all__ = ["BUNDLE_ROOT", "ConfigError", "bundle_args", "data", "deploy", "engines", "handlers", "inference", "losses", "metrics", "networks", "prototypes", "wsi"]

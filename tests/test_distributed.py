@@ -70,16 +70,16 @@ def two_ranks(demo_two_ranks, tmp_path_factory):
 
 def test_multi_gpu_config_keeps_what_it_overrides_in_step_with_train_json():
     train, multi = json.loads(TRAIN.read_text()), json.loads(MULTI.read_text())
-    # initialize: the one-line error hook, the process group, the lock on rank 0 only, then train.json's checks (the
-    # training config check told the number of processes) and the validation shard check
-    hook = "$scripts.errors.install_excepthook()"
-    assert multi["initialize"][0] == train["initialize"][0] == hook
-    assert multi["initialize"][1].startswith("$scripts.engines.init_distributed(")
-    assert train["initialize"][2] == "$scripts.handlers.acquire_run_lock(@ckpt_dir)"
-    assert "acquire_run_lock(@ckpt_dir) if torch.distributed.get_rank() == 0" in multi["initialize"][2]
+    # initialize: the one-line error hook, the command-line key check, the process group, the lock on rank 0 only,
+    # then train.json's checks (the training config check told the number of processes) and the validation shard check
+    hook, keys = "$scripts.errors.install_excepthook()", "$scripts.bundle_args.check_command_line_keys()"
+    assert multi["initialize"][:2] == train["initialize"][:2] == [hook, keys]
+    assert multi["initialize"][2].startswith("$scripts.engines.init_distributed(")
+    assert train["initialize"][3] == "$scripts.handlers.acquire_run_lock(@ckpt_dir)"
+    assert "acquire_run_lock(@ckpt_dir) if torch.distributed.get_rank() == 0" in multi["initialize"][3]
     told = "datalist=@datalist, processes=torch.distributed.get_world_size())"
-    assert [x.replace(told, "datalist=@datalist)") for x in multi["initialize"][3:-1]] == [train["initialize"][1],
-                                                                                           *train["initialize"][3:]]
+    assert [x.replace(told, "datalist=@datalist)") for x in multi["initialize"][4:-1]] == [train["initialize"][2],
+                                                                                           *train["initialize"][4:]]
     assert multi["initialize"][-1].startswith("$scripts.engines.check_validation_shards(")
     # the handlers disabled on ranks above 0 by position are the TensorBoard writers, which create files when built
     for key in ("train#handlers#5#_disabled_", "validate#handlers#1#_disabled_"):

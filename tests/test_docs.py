@@ -1,6 +1,7 @@
 """Every command in the README and the docs still fits the code: config files exist, config keys exist, CLI
 commands and their options exist. Nothing is run; the commands are parsed as a user would type them."""
 
+import dataclasses
 import inspect
 import re
 import shlex
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
+from scripts.bundle_args import CONFIG_COMMANDS, parse_bundle_arguments
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", REPO / "bundle" / "docs" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# Keys of `python -m monai.bundle run` itself, not of the configs.
-RUN_OPTIONS = {"config_file", "meta_file", "logging_file", "init_id", "run_id", "final_id", "tracking", "args_file"}
 
 
 def _commands(kind: str) -> list[tuple[str, int, list[str]]]:
@@ -54,33 +55,21 @@ def test_the_docs_hold_commands_to_check():
 
 @pytest.mark.parametrize("doc,line,argv", BUNDLE, ids=[f"{d}:{n}" for d, n, _ in BUNDLE])
 def test_bundle_commands_name_existing_configs_and_keys(doc, line, argv):
-    options, positional, i = {}, [], 0
-    while i < len(argv):
-        if argv[i].startswith("--"):
-            key, _, value = argv[i][2:].partition("=")
-            if not value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            options[key] = value
-        else:
-            positional.append(argv[i])
-        i += 1
+    command = parse_bundle_arguments(argv)  # as the bundle's own key check reads a command line
     for key in ("config_file", "meta_file"):
-        if key not in options:
-            continue
-        names = options[key]
-        names = [n.strip(" '\"") for n in names.strip("[]").split(",")] if names.startswith("[") else [names]
+        names = command.arguments.get(key)
+        names = [] if names is None else [names] if isinstance(names, str) else names
         missing = [n for n in names if not _config_path(n).is_file()]
         assert not missing, f"{doc}:{line}: --{key} files {missing} do not exist"
-    if positional[:1] != ["run"]:
-        return  # another bundle command (onnx_export, verify_metadata, ...): its own options
-    names = options["config_file"]
-    names = [n.strip(" '\"") for n in names.strip("[]").split(",")] if names.startswith("[") else [names]
-    parser = ConfigParser()
-    parser.read_config([str(_config_path(n)) for n in names])
-    run_id = positional[1] if len(positional) > 1 else "run"
-    assert run_id in parser.config, f"{doc}:{line}: run id '{run_id}' is not a key of {names}"
-    for key in set(options) - RUN_OPTIONS:
-        assert key.split("#")[0] in parser.config, f"{doc}:{line}: --{key} is not a key of {names}"
+    if command.command not in CONFIG_COMMANDS:
+        return  # verify_metadata, download, ...: no config keys
+    files = [str(_config_path(n)) for n in command.config_files]
+    if command.command == "run":
+        parser = ConfigParser()
+        parser.read_config(files)
+        run_id = command.arguments.get("run_id", command.positional[0] if command.positional else "run")
+        assert run_id in parser.config, f"{doc}:{line}: run id '{run_id}' is not a key of {files}"
+    dataclasses.replace(command, arguments={**command.arguments, "config_file": files}).check_keys()
 
 
 @pytest.mark.parametrize("doc,line,argv", CLI, ids=[f"{d}:{n}" for d, n, _ in CLI])

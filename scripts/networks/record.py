@@ -14,17 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from scripts.bundle_args import check_command_line_keys, command_line_keys
 from scripts.config import as_bool
 from scripts.errors import ConfigError
 
 from .weights import read_checkpoint
 
 __all__ = ["NETWORK_KEYS", "WINDOW_KEYS", "LABEL_KEYS", "RECORD_KEYS", "ONNX_RECORD_KEY", "model_record", "stored_record",
-           "trained_settings", "command_line_keys"]
+           "trained_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,6 @@ LABEL_KEYS = ("class_names",)
 RECORD_KEYS = NETWORK_KEYS + WINDOW_KEYS + LABEL_KEYS
 # Name of the ONNX metadata entry that holds the record as JSON.
 ONNX_RECORD_KEY = "mpamatch_config"
-# Arguments of ``python -m monai.bundle run`` that are not config keys.
-_RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "init_id", "run_id", "final_id", "tracking",
-                  "args_file", "workflow_type", "workflow_name", "properties_path"}
 
 
 def _normalised(key: str, value: Any) -> Any:
@@ -87,15 +84,6 @@ def stored_record(path: str | os.PathLike, key: str = "ckpt_path") -> dict | Non
     return dict(record) if isinstance(record, Mapping) else None
 
 
-def command_line_keys(argv: list[str] | None = None) -> set[str]:
-    """Config keys given as ``--key value`` or ``--key=value`` on the command line of this process."""
-    keys = set()
-    for token in sys.argv[1:] if argv is None else argv:
-        if token.startswith("--") and len(token) > 2:
-            keys.add(token[2:].split("=", 1)[0].split("#", 1)[0])  # --encoder_kwargs#depth overrides encoder_kwargs
-    return keys - _RUN_ARGUMENTS
-
-
 def _shown(settings: Mapping[str, Any], keys) -> str:
     return ", ".join(f"{key}={settings.get(key)!r}" for key in keys)
 
@@ -111,12 +99,18 @@ def trained_settings(ckpt_path: str | os.PathLike, settings: Mapping[str, Any], 
         settings: the config's values of ``RECORD_KEYS`` (or some of them).
         key: the config key naming ``ckpt_path``, for the messages. Defaults to ``"ckpt_path"``.
         enabled: false for a backend that does not read ``ckpt_path`` (ONNX). Defaults to True.
-        argv: the command line to look for explicit keys in. Defaults to ``sys.argv``.
+        argv: the arguments to look for explicit keys in (after ``python -m monai.bundle``, or overrides alone).
+            Defaults to this process's ``monai.bundle`` command line (``scripts.bundle_args``), whose keys are
+            checked first: MONAI's export commands (``onnx_export``, ...) run no ``initialize``, and with
+            ``inference.json`` this is the first code of ours they reach.
 
     Raises:
-        ConfigError: a key given on the command line contradicts the record, or ``num_classes`` differs (the
-            post-processing and outputs are built from it, so it is never replaced silently).
+        ConfigError: a key given on the command line contradicts the record or is defined by no config file, or
+            ``num_classes`` differs (the post-processing and outputs are built from it, so it is never replaced
+            silently).
     """
+    if argv is None:
+        check_command_line_keys()
     settings = {name: _normalised(name, value) for name, value in settings.items()}
     if not as_bool(enabled, "enabled") or not Path(ckpt_path).is_file():
         return settings
