@@ -2,6 +2,7 @@
 
 Commands:
     demo-data         write the generated demo data set (what the main job uses) to a folder
+    check-weights     check downloaded UNI / UNI2-h / CONCH weights against the network before training
     text-prototypes   compute fixed text prototypes once from a local text encoder, for ``text_source: file``
     export-onnx       export a trained checkpoint to ONNX (dynamic batch, height, width) and check it against PyTorch
     pack              assemble dist/<bundle_name>/ (configs, scripts, models, docs, LICENSE) for MONAI's tools
@@ -29,7 +30,7 @@ from scripts.data import ensure_demo_dataset
 from scripts.errors import ConfigError
 from scripts.networks import build_text_tower, encode_text_features
 
-__all__ = ["demo_data", "text_prototypes", "export_onnx", "study", "commands"]
+__all__ = ["demo_data", "check_weights", "text_prototypes", "export_onnx", "study", "commands"]
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json"
 
@@ -40,6 +41,43 @@ def demo_data(root: str, seed: int = 0, n_labeled: int = 8, n_unlabeled: int = 7
     path = ensure_demo_dataset(root, seed=seed, n_labeled=n_labeled, n_unlabeled=n_unlabeled,
                                n_validation=n_validation, n_test=n_test, image_size=tuple(image_size))
     return str(path)
+
+
+def check_weights(encoder_weights: str | None = None, encoder_name: str = "uni", conch_dir: str | None = None,
+                  text_weights: str | None = None, text_tokenizer: str | None = None) -> str:
+    """Checks downloaded weights before a run: each file is read and loaded strictly into its network (built without
+    allocating it), and what was found is printed; a file that does not fit stops with its missing, unexpected and
+    mis-shaped keys (exit status 1).
+
+    Examples::
+
+        python -m scripts.cli check-weights --encoder_name uni --encoder_weights /models/uni/pytorch_model.bin
+        python -m scripts.cli check-weights --encoder_name uni2-h --encoder_weights /models/uni2-h/pytorch_model.bin
+        python -m scripts.cli check-weights --conch_dir /models/conch
+
+    Args:
+        encoder_weights: the encoder's weights file (config key ``encoder_weights``).
+        encoder_name: the encoder preset or timm ViT name it must fit (``encoder_name``). Defaults to ``uni``.
+        conch_dir: a folder with CONCH's ``pytorch_model.bin`` and ``conch_byte_level_bpe_uncased.json``
+            (``conch_dir`` of the foundation-model recipes).
+        text_weights: CONCH's weights file, when it is not in a ``conch_dir`` (``text_weights``).
+        text_tokenizer: CONCH's tokenizer file beside ``text_weights`` (``text_tokenizer``).
+    """
+    from scripts.networks import check_conch_weights, check_encoder_weights, conch_file
+
+    if conch_dir and (text_weights or text_tokenizer):
+        raise ConfigError("Give either --conch_dir or --text_weights / --text_tokenizer, not both.")
+    if conch_dir:
+        text_weights, text_tokenizer = conch_file(conch_dir, "weights"), conch_file(conch_dir, "tokenizer")
+    if not (encoder_weights or text_weights):
+        raise ConfigError("check-weights needs a file to check: --encoder_weights FILE (with --encoder_name), "
+                          "--conch_dir FOLDER, or --text_weights FILE [--text_tokenizer FILE].")
+    if text_tokenizer and not text_weights:
+        raise ConfigError("--text_tokenizer is checked with CONCH's weights: add --text_weights FILE.")
+    reports = [check_encoder_weights(encoder_weights, encoder_name)] if encoder_weights else []
+    if text_weights:
+        reports.append(check_conch_weights(text_weights, text_tokenizer))
+    return "\n".join(reports)
 
 
 def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "ViT-B-16", weights: str | None = None,
@@ -184,8 +222,8 @@ def main() -> None:
 
 def commands() -> dict:
     """The commands of ``python -m scripts.cli`` other than ``study`` (which has its own parser), by name."""
-    return {"pack": pack, "demo-data": demo_data, "text-prototypes": text_prototypes, "export-onnx": export_onnx,
-            "prepare": _prepare_commands()}
+    return {"pack": pack, "demo-data": demo_data, "check-weights": check_weights, "text-prototypes": text_prototypes,
+            "export-onnx": export_onnx, "prepare": _prepare_commands()}
 
 
 if __name__ == "__main__":

@@ -130,3 +130,58 @@ def assert_same(a, b, where=""):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# CONCH's text tower at tiny width, CONCH's ids for <pad>, <start_of_text>, <end_of_text>, and sentences to train a
+# byte-level BPE on: what the CONCH tests load instead of the gated files.
+CONCH_TINY = {"context_length": 24, "vocab_size": 400, "width": 32, "heads": 4, "layers": 2, "embed_dim": 16}
+CONCH_PAD, CONCH_BOS, CONCH_EOS = 0, 1, 2
+CONCH_CORPUS = ["a histopathology image of colon gland.", "background stroma with x x x x placeholders.",
+                "Glomerulus in renal tissue, PAS stain.", "x marks the gland; X marks the stroma."] * 20
+
+
+def write_conch_tokenizer(path, corpus=CONCH_CORPUS):
+    """A byte-level, lower-casing BPE with CONCH's special tokens, ids and start / end template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=CONCH_TINY["vocab_size"], show_progress=False,
+                                  special_tokens=["<pad>", "<start_of_text>", "<end_of_text>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<start_of_text> $A <end_of_text>", special_tokens=[
+        ("<start_of_text>", CONCH_BOS), ("<end_of_text>", CONCH_EOS)])
+    tok.save(str(path))
+    return path
+
+
+def conch_state(cfg=CONCH_TINY, seed=0, constant=False):
+    """A whole CoCa checkpoint in CONCH's key layout, shapes written from its code, with the parts the text branch
+    ignores. ``constant=True`` fills it with expanded constants, so a file of the full-size layout stays tiny."""
+    g = torch.Generator().manual_seed(seed)
+    w, e, n = cfg["width"], cfg["embed_dim"], cfg["context_length"]
+
+    def rand(*shape, mean=0.0):
+        if constant:
+            return torch.tensor(mean).expand(*shape)  # torch.save keeps the one-value storage
+        return mean + 0.1 * torch.randn(*shape, generator=g)
+
+    state = {"text.token_embedding.weight": rand(cfg["vocab_size"], w), "text.positional_embedding": rand(n, w),
+             "text.cls_emb": rand(w), "text.text_projection": rand(w, e),
+             "text.ln_final.weight": rand(w, mean=1.0), "text.ln_final.bias": rand(w)}
+    for i in range(cfg["layers"]):
+        block = f"text.transformer.resblocks.{i}."
+        state.update({
+            block + "ln_1.weight": rand(w, mean=1.0), block + "ln_1.bias": rand(w),
+            block + "attn.in_proj_weight": rand(3 * w, w), block + "attn.in_proj_bias": rand(3 * w),
+            block + "attn.out_proj.weight": rand(w, w), block + "attn.out_proj.bias": rand(w),
+            block + "ln_2.weight": rand(w, mean=1.0), block + "ln_2.bias": rand(w),
+            block + "mlp.c_fc.weight": rand(4 * w, w), block + "mlp.c_fc.bias": rand(4 * w),
+            block + "mlp.c_proj.weight": rand(w, 4 * w), block + "mlp.c_proj.bias": rand(w),
+        })
+    state.update({"visual.trunk.pos_embed": rand(1, 5, 8), "visual.attn_pool_contrast.query": rand(1, 8),
+                  "text_decoder.resblocks.0.attn.in_proj_weight": rand(3 * w, w), "logit_scale": rand(())})
+    return state

@@ -122,18 +122,27 @@ class PrepareLabeld(MapTransform):
 
 
 def check_roi_size(roi_size: Sequence[int], patch_size: int, key: str = "roi_size") -> list[int]:
-    """Returns ``roi_size`` as a list after checking that each side is a positive multiple of the patch size."""
+    """Returns ``roi_size`` as a list after checking that each side is a positive multiple of the patch size; the
+    error names the multiples on either side of each wrong side (256 with patch 14: 252 or 266)."""
     sizes = [int(s) for s in roi_size]
     if len(sizes) != 2:
         raise ConfigError(
             f"Config key '{key}' is {list(roi_size)}; it needs 2 sides (height, width), e.g. {[patch_size * 14] * 2}."
         )
     if any(s <= 0 or s % patch_size for s in sizes):
-        nearest = [max(patch_size, round(s / patch_size) * patch_size) for s in sizes]
+        around = {s: _multiples_around(s, patch_size) for s in sizes if s <= 0 or s % patch_size}
+        choices = ", ".join(f"{' or '.join(map(str, sides))} instead of {s}" for s, sides in around.items())
+        nearest = [min(around[s], key=lambda m: abs(m - s)) if s in around else s for s in sizes]
         raise ConfigError(
             f"Config key '{key}' is {list(roi_size)}; each side must be a positive multiple of the encoder patch "
-            f"size {patch_size}, e.g. {nearest}."
+            f"size {patch_size}: use {choices}, e.g. --{key} [{nearest[0]},{nearest[1]}]."
         )
     return sizes
+
+
+def _multiples_around(side: int, patch_size: int) -> tuple[int, ...]:
+    """The multiples of ``patch_size`` just below and above ``side`` (only ``patch_size`` when none is below)."""
+    lower = side // patch_size * patch_size
+    return (lower, lower + patch_size) if lower > 0 else (patch_size,)
 
 

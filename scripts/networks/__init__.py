@@ -1,12 +1,12 @@
 """Networks: the UNI-TransUNet segmentation model, its ViT encoder presets, the frozen text towers and the one
 module that reads every weights file (``weights.py``)."""
 
-from .weights import (TRAIN_FIRST, initialised, load_trained_weights, read_checkpoint, read_state_dict, state_misfit,
-                      strip_prefix)
+from .weights import (TRAIN_FIRST, describe_state, initialised, load_trained_weights, nonfinite_keys, read_checkpoint,
+                      read_state_dict, state_misfit, strip_prefix)
 from .record import LABEL_KEYS, NETWORK_KEYS, RECORD_KEYS, WINDOW_KEYS, model_record, stored_record, trained_settings
-from .encoders import ENCODER_PRESETS, build_encoder, encoder_patch_size, load_encoder_weights
+from .encoders import ENCODER_PRESETS, build_encoder, check_encoder_weights, encoder_patch_size, load_encoder_weights
 from .transunet import CascadedDecoder, ProjectionHead, SkipStem, TransUNetOutput, UNITransUNet
-from .conch import ConchTokenizer, build_conch_text_tower
+from .conch import CONCH_FILES, ConchTokenizer, build_conch_text_tower, check_conch_weights, conch_file
 from .text_towers import build_text_tower, encode_text_features
 
 __all__ = [
@@ -14,9 +14,12 @@ __all__ = [
     "build_encoder",
     "encoder_patch_size",
     "load_encoder_weights",
+    "check_encoder_weights",
     "read_state_dict",
     "strip_prefix",
     "state_misfit",
+    "nonfinite_keys",
+    "describe_state",
     "load_trained_weights",
     "initialised",
     "read_checkpoint",
@@ -37,4 +40,7 @@ __all__ = [
     "encode_text_features",
     "build_conch_text_tower",
     "ConchTokenizer",
+    "CONCH_FILES",
+    "check_conch_weights",
+    "conch_file",
 ]

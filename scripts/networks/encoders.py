@@ -2,6 +2,8 @@
 
 A preset is a timm model name plus the keyword arguments that give the architecture of a published
 checkpoint. Weights are never downloaded: ``pretrained=False`` always, and a local file is loaded on request.
+``check_encoder_weights`` (``python -m scripts.cli check-weights``) checks a downloaded file against a preset without
+allocating the network: the encoder is built on the meta device and the file's tensors are assigned to it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from scripts.errors import ConfigError
 
-from .weights import read_state_dict, state_misfit, strip_prefix
+from .weights import describe_state, nonfinite_keys, read_state_dict, state_misfit, strip_prefix
 
-__all__ = ["ENCODER_PRESETS", "build_encoder", "load_encoder_weights", "encoder_patch_size"]
+__all__ = ["ENCODER_PRESETS", "build_encoder", "load_encoder_weights", "check_encoder_weights", "encoder_patch_size"]
 
 # Each preset: the timm architecture name and the kwargs that reproduce a checkpoint's layout.
 # `dynamic_img_size=True` and `num_classes=0` are added to every preset by `build_encoder`.
@@ -111,15 +113,59 @@ def load_encoder_weights(encoder: torch.nn.Module, path: str | os.PathLike, pres
         preset: the encoder name the file is expected to match; named in the error.
 
     Raises:
-        ConfigError: listing missing keys, unexpected keys and shape mismatches when the file does not fit.
+        ConfigError: listing missing keys, unexpected keys and shape mismatches when the file does not fit, and the
+            preset the file fits instead when there is one.
     """
+    encoder.load_state_dict(_fitting_state(encoder.state_dict(), path, preset), strict=True)
+
+
+def check_encoder_weights(path: str | os.PathLike, name: str = "uni") -> str:
+    """Checks that a local weights file loads strictly into encoder ``name`` and describes it, without allocating the
+    encoder (it is built on the meta device and takes the file's tensors): what ``check-weights`` prints.
+
+    Args:
+        path: the local weights file, e.g. UNI's ``pytorch_model.bin``.
+        name: a preset of ``ENCODER_PRESETS`` or a timm ViT name. Defaults to ``"uni"``.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, does not fit (missing, unexpected and mis-shaped keys, and
+            the preset it fits instead when there is one), or holds NaN / infinite values.
+    """
+    with torch.device("meta"):
+        encoder = build_encoder(name)
+    state = _fitting_state(encoder.state_dict(), path, name)
+    damaged = nonfinite_keys(state)
+    if damaged:
+        raise ConfigError(f"Weights file '{path}' fits encoder '{name}' but holds NaN or infinite values in "
+                          f"{len(damaged)} tensors ({', '.join(damaged[:5])}); download it again.")
+    encoder.load_state_dict(state, strict=True, assign=True)  # the strict load that training does
+    patch = encoder_patch_size(encoder)
+    model_name = ENCODER_PRESETS[name]["model_name"] if name in ENCODER_PRESETS else name
+    return (f"Encoder weights '{path}' fit encoder '{name}' (timm {model_name}: {len(encoder.blocks)} blocks, "
+            f"width {encoder.embed_dim}, {encoder.blocks[0].attn.num_heads} heads, patch {patch}, "
+            f"{encoder.num_reg_tokens} register tokens): {describe_state(path, state)}. Windows (roi_size) must be "
+            f"multiples of {patch}, e.g. [{patch * round(256 / patch)},{patch * round(256 / patch)}].")
+
+
+def _fitting_state(expected: dict[str, torch.Tensor], path: str | os.PathLike, preset: str) -> dict[str, torch.Tensor]:
+    """The file's state dict when it has exactly the keys and shapes of ``expected``; else a ConfigError."""
     # UNI checkpoints are saved from the bare encoder; a few exporters prefix the keys.
     state = strip_prefix(read_state_dict(path), ("module.", "encoder.", "model."))
-    problems = state_misfit(encoder.state_dict(), state)
+    problems = state_misfit(expected, state)
     if problems:
-        raise ConfigError(
-            f"Weights file '{path}' does not fit encoder preset '{preset}': {problems}. "
-            "Check that 'encoder_name' names the architecture the weights were trained with "
-            f"(presets: {sorted(ENCODER_PRESETS)})."
-        )
-    encoder.load_state_dict(state, strict=True)
+        fits = _preset_of(state)
+        hint = (f"It fits preset '{fits}': set 'encoder_name' to '{fits}'." if fits else
+                "Check that 'encoder_name' names the architecture the weights were trained with (presets: "
+                f"{sorted(ENCODER_PRESETS)}) and that 'encoder_kwargs' is {{}} for a published file.")
+        raise ConfigError(f"Weights file '{path}' does not fit encoder preset '{preset}': {problems}. {hint}")
+    return state
+
+
+def _preset_of(state: dict[str, torch.Tensor]) -> str | None:
+    """The preset whose keys and shapes ``state`` has exactly, if any (built on the meta device: no memory)."""
+    for name in ENCODER_PRESETS:
+        with torch.device("meta"):
+            expected = build_encoder(name).state_dict()
+        if not state_misfit(expected, state):
+            return name
+    return None

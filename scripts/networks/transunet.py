@@ -261,10 +261,15 @@ class UNITransUNet(nn.Module):
                               skip_channels: Sequence[int]):
         """The ViT of the hybrid layout: same blocks as ``encoder_name``, patch embedding over the 1/8 CNN map."""
         if encoder_weights:
+            # Only the patch embedding would change, but the pretrained blocks would then read tokens from a random
+            # CNN and a random projection instead of the RGB patches they were trained on: what makes UNI worth
+            # loading is lost, so the combination is refused rather than half-loaded.
             raise ConfigError(
                 f"hybrid=true feeds the ViT with CNN features, so the RGB patch embedding of the weights file "
-                f"'{encoder_weights}' cannot be used. Set 'hybrid' to false to fine-tune pretrained weights, or set "
-                "'encoder_weights' to null to train the hybrid network from random weights."
+                f"'{encoder_weights}' cannot be used (and its blocks would read tokens they were not trained on). "
+                "A pretrained encoder takes hybrid: false: train with bundle/configs/recipes/uni.json (UNI) or "
+                "uni2h.json (UNI2-h) instead of recipes/cpu.json, or set 'encoder_weights' to null to train the "
+                "hybrid network from random weights."
             )
         kwargs = dict(encoder_kwargs or {})
         patch = kwargs.pop("patch_size", None) or encoder_patch_size(build_encoder(encoder_name, depth=1))

@@ -23,8 +23,8 @@ from torch import nn
 
 from scripts.errors import ConfigError
 
-__all__ = ["read_state_dict", "strip_prefix", "state_misfit", "read_checkpoint", "load_trained_weights",
-           "initialised", "TRAIN_FIRST"]
+__all__ = ["read_state_dict", "strip_prefix", "state_misfit", "nonfinite_keys", "describe_state", "read_checkpoint",
+           "load_trained_weights", "initialised", "TRAIN_FIRST"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,24 @@ def state_misfit(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch
     return "; ".join(f"{kind} ({len(keys)}): " + ", ".join(keys[:limit])
                      + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
                      for kind, keys in kinds if keys)
+
+
+def nonfinite_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of ``state`` whose floating-point tensor holds a NaN or an infinity (a damaged download or export)."""
+    def distinct(value: torch.Tensor) -> torch.Tensor:  # a broadcast (stride-0) dimension repeats one value
+        return value[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in value.stride())]
+
+    return sorted(key for key, value in state.items()
+                  if value.is_floating_point() and not bool(torch.isfinite(distinct(value)).all()))
+
+
+def describe_state(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> str:
+    """One line on a weights file: its size, how many tensors and values it holds and their dtypes."""
+    size = Path(path).expanduser().stat().st_size
+    dtypes = sorted({str(value.dtype).removeprefix("torch.") for value in state.values()})
+    values = sum(value.numel() for value in state.values())
+    return (f"a {size / 2 ** 20:,.1f} MiB file; {len(state)} tensors, {values:,} values, "
+            f"dtype {', '.join(dtypes) or 'none'}")
 
 
 def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path", remedy: str | None = None) -> dict:
