@@ -58,7 +58,8 @@ def _own_arguments(command: str | None) -> frozenset[str]:
     if command in ("run", "run_workflow"):
         functions += [bundle_scripts.create_workflow, ConfigWorkflow.__init__]
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return frozenset(name for function in functions for name, parameter in inspect.signature(function).parameters.items()
+    return frozenset(name for function in functions
+                     for name, parameter in inspect.signature(function).parameters.items()
                      if parameter.kind not in variadic and name != "self")
 
 

@@ -1,4 +1,5 @@
-"""Inference outputs and robustness: flip TTA, probability maps, overlays, small images, unreadable files."""
+"""Inference outputs and robustness: flip TTA, probability maps, overlays, small images, unreadable files, images
+whose outputs would share a name, outputs that appear complete or not at all."""
 
 import os
 import subprocess
@@ -8,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.inferers import SimpleInferer
 from PIL import Image
 
-from scripts.inference import FlipTTAInferer
-from tests.helpers import tiny_network
+from scripts.errors import ConfigError
+from scripts.inference import FlipTTAInferer, SavePredictiond, scan_inputs
+from tests.helpers import rgb, tiny_network
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +67,58 @@ def test_folder_with_a_corrupt_and_a_small_image(tmp_path):
         decisive = np.abs(prob.astype(int) - 128) > 2
         assert ((prob > 127) == (mask > 0))[decisive].all()
         assert np.asarray(Image.open(out / f"{stem}_overlay.png")).shape == (*size, 3)
-    assert not (out / "broken_mask.png").exists()
+    # every output renamed into place: nothing else, no temporary file, is left in the folder
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}_{kind}.png" for stem in ("a", "tiny")
+                                                     for kind in ("mask", "overlay", "prob")]
+
+
+def test_images_whose_outputs_would_share_a_name_are_refused_before_any_is_read(tmp_path, monkeypatch):
+    images = tmp_path / "in"
+    for name in ("a.png", "a.jpg", "b.png", "B.tif", "c.png"):
+        rgb(images / name)
+    monkeypatch.setattr("scripts.inference.inputs.read_image", lambda *a, **k: pytest.fail("an image was read"))
+    with pytest.raises(ConfigError) as raised:
+        scan_inputs(images)
+    message = str(raised.value)
+    assert message.startswith(f"Images in '{images}' would write the same output files, one replacing the other:")
+    assert "\n  B.tif, b.png -> B_mask.png\n  a.jpg, a.png -> a_mask.png\nRename the images" in message
+    assert "c.png" not in message and "nothing was segmented" in message
+    # inference.json scans its input folder through the same function, before the engine runs
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle/configs/inference.json"))
+    parser["input_dir"] = str(images)
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("inputs")
+    assert "a.jpg, a.png -> a_mask.png" in str(raised.value.__cause__ or raised.value)
+
+
+def test_outputs_appear_complete_or_not_at_all(tmp_path, monkeypatch):
+    source = tmp_path / "tile.png"
+    rgb(source, 8, 8, 120)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tile_mask.png").write_bytes(b"the mask of an earlier run")
+    image = MetaTensor(torch.zeros(3, 8, 8), meta={"filename_or_obj": str(source)})
+    pred = torch.zeros(1, 8, 8)
+    pred[0, 2:6, 3:7] = 1
+    data = {"image": image, "pred": pred, "prob": torch.cat([1 - pred, pred])}
+    save = SavePredictiond(output_dir=str(out), scale=255, probability_key="prob", overlay=True)
+
+    def cut_short(self, fp, *args, **kwargs):  # half a file is written, then the disk is full
+        Path(fp).write_bytes(b"\x89PNG\r\n half")
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", cut_short)
+        with pytest.raises(OSError, match="No space left"):
+            save(data)
+    assert [p.name for p in out.iterdir()] == ["tile_mask.png"]  # no half-written file, under any name
+    assert (out / "tile_mask.png").read_bytes() == b"the mask of an earlier run"
+    save(data)
+    assert sorted(p.name for p in out.iterdir()) == ["tile_mask.png", "tile_overlay.png", "tile_prob.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "tile_mask.png")), pred[0].numpy() * 255)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "tile_prob.png")), pred[0].numpy() * 255)
+    assert np.asarray(Image.open(out / "tile_overlay.png")).shape == (8, 8, 3)
 
 
 def test_scaled_inferer_runs_at_the_scale_and_returns_the_input_size():

@@ -73,7 +73,8 @@ def test_args_file_keys_count_as_command_line_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"--save_overlay \(did you mean save_overlays"):
         check_command_line_keys([ENTRY, "run", "--args_file", str(args_file)])
     # the command line wins over the file, as in MONAI
-    assert parse_bundle_arguments(["run", "--args_file", str(args_file), "--config_file", TRAIN]).config_files == [TRAIN]
+    given_both = parse_bundle_arguments(["run", "--args_file", str(args_file), "--config_file", TRAIN])
+    assert given_both.config_files == [TRAIN]
 
 
 @pytest.mark.parametrize("argv", [

@@ -2,12 +2,12 @@
 ``inference.json`` as one object for the MONAI Label and MONAI Deploy apps."""
 
 from .inputs import InferenceInputs, scan_inputs
-from .outputs import SavePredictiond
+from .outputs import SavePredictiond, check_output_names, output_stem
 from .pipeline import INFERENCE_CONFIG, InferencePipeline, InputError
 from .postprocess import GlandPostprocessd, postprocess_mask, split_touching_objects
 from .scale import ScaledInferer
 from .tta import FlipTTAInferer
 
-__all__ = ["InferenceInputs", "scan_inputs", "SavePredictiond", "FlipTTAInferer", "ScaledInferer",
-           "GlandPostprocessd", "postprocess_mask", "split_touching_objects", "InferencePipeline", "InputError",
+__all__ = ["InferenceInputs", "scan_inputs", "SavePredictiond", "output_stem", "check_output_names", "FlipTTAInferer",
+           "ScaledInferer", "GlandPostprocessd", "postprocess_mask", "split_touching_objects", "InferencePipeline", "InputError",
            "INFERENCE_CONFIG"]

@@ -1,4 +1,5 @@
-"""Inference inputs: every image of a folder is opened first; unreadable ones are reported, the rest processed."""
+"""Inference inputs: every image of a folder is opened first; unreadable ones are reported, the rest processed.
+Images whose outputs would share a name are refused before any is opened."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from ignite.engine import Engine, Events
 from scripts.data.datalist import list_images
 from scripts.data.images import read_image
 from scripts.errors import ConfigError
+
+from .outputs import check_output_names
 
 __all__ = ["InferenceInputs", "scan_inputs"]
 
@@ -42,9 +45,16 @@ class InferenceInputs:
 
 def scan_inputs(input_dir: str | os.PathLike) -> InferenceInputs:
     """Opens every image of ``input_dir`` once; unreadable files, and images whose mode cannot be made RGB, are
-    logged and kept for the final report."""
+    logged and kept for the final report.
+
+    Raises:
+        ConfigError: when two images would write the same outputs (``a.png`` and ``a.jpg``: ``a_mask.png``), or
+            when no image can be read.
+    """
+    listed = list_images(input_dir)
+    check_output_names([item["image"] for item in listed], str(Path(input_dir)))
     items, failures = [], []
-    for item in list_images(input_dir):
+    for item in listed:
         _, problem = read_image(item["image"], rgb=True)
         if problem is None:
             items.append(item)

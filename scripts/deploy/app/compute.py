@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 
 from scripts.data import read_image
 from scripts.errors import ConfigError
-from scripts.inference import InferenceInputs, InferencePipeline, SavePredictiond, scan_inputs
+from scripts.inference import InferenceInputs, InferencePipeline, SavePredictiond, output_stem, scan_inputs
 from scripts.inference.pipeline import image_reader
 
 __all__ = ["ImageFolderLoader", "TiledOnnxSegmenter", "MaskWriter", "resolve_model_path"]
@@ -62,7 +62,8 @@ class ImageFolderLoader:
         overrides: keys of that config (app.yaml's ``inference`` section), as the segmenter gets them.
 
     Raises:
-        ConfigError: when the folder is missing, holds no images, or none of them can be read.
+        ConfigError: when the folder is missing, holds no images, holds images whose masks would share a name
+            (``a.png`` and ``a.jpg``), or none of them can be read.
 
     Examples::
 
@@ -148,5 +149,4 @@ class MaskWriter:
     def __call__(self, image: MetaTensor, mask: torch.Tensor) -> Path:
         """Writes the mask of ``image`` (the loaded tensor, whose ``meta`` names the file) and returns its path."""
         self._save({"image": image, "pred": mask})
-        stem = Path(str(image.meta["filename_or_obj"])).stem
-        return self.output_dir / f"{stem}_mask.png"
+        return self.output_dir / f"{output_stem(image.meta['filename_or_obj'])}_mask.png"
