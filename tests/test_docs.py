@@ -116,6 +116,32 @@ def test_bundle_commands_name_existing_configs_and_keys(doc, line, argv):
     dataclasses.replace(command, arguments={**command.arguments, "config_file": files}).check_keys()
 
 
+def _anchors(doc: Path) -> set[str]:
+    """The link anchors of the headings of ``doc``, as GitHub makes them (lower case, punctuation dropped, spaces to
+    hyphens, ``-1``, ``-2`` on repeats)."""
+    seen, found, in_code = {}, set(), False
+    for line in doc.read_text().splitlines():
+        if line.strip().startswith("```"):
+            in_code = not in_code
+        elif not in_code and re.match(r"#{1,6} ", line):
+            slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            repeats = seen.get(slug, 0)
+            seen[slug] = repeats + 1
+            found.add(f"{slug}-{repeats}" if repeats else slug)
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.relative_to(REPO).as_posix() for d in DOCS])
+def test_links_to_sections_find_their_heading(doc):
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
+        linked = doc.parent / target if target else doc
+        if not linked.is_file() or anchor not in _anchors(linked):
+            broken.append(f"{target}#{anchor}")
+    assert not broken, f"{doc.relative_to(REPO)}: links to missing sections: {broken}"
+
+
 def _fire_arguments(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Positional values and ``{name: value}`` as fire reads them: ``--name value``, ``--name=value``, a lone
     ``--name`` (true); hyphens in names become underscores."""
