@@ -1,7 +1,8 @@
-"""Promises the repository makes to users: CI runs the README's test command, configs agree with each other."""
+"""Promises the repository makes to users: CI runs the README's test commands, configs agree with each other."""
 
 import ast
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,17 +14,33 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
 
 
-def test_ci_runs_the_readme_test_command():
+def _readme_command(marker):
+    """The command two lines below ``<!-- marker -->`` in README.md (the line after the code fence)."""
     readme = (REPO / "README.md").read_text().splitlines()
-    marker = readme.index("<!-- test-command -->")
-    command = readme[marker + 2]
-    assert "pip install -r requirements.txt" in command and "pytest" in command
-    extracted = subprocess.run(
-        ["awk", "/<!-- test-command -->/ {getline; getline; print; exit}", "README.md"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    assert extracted == command
-    assert "README.md" in (REPO / ".ci" / "run").read_text()
+    return readme[readme.index(f"<!-- {marker} -->") + 2]
+
+
+def test_ci_runs_the_readme_test_commands_in_order_and_fails_if_either_fails(tmp_path):
+    main, deploy = _readme_command("test-command"), _readme_command("deploy-test-command")
+    assert "pip install -r requirements.txt" in main and "pytest -q tests" in main
+    assert "pip install -r requirements.txt -r scripts/deploy/app/requirements.txt" in deploy
+    assert "MPAMATCH_REQUIRE_DEPLOY=1" in deploy and "pytest -q tests/test_deploy_app.py" in deploy
+    readme = (REPO / "README.md").read_text()
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(REPO / ".ci" / "run", tmp_path / ".ci" / "run")
+
+    def ci(first, second, text=readme):
+        """.ci/run on a copy of README.md whose two test commands are ``first`` and ``second``."""
+        (tmp_path / "README.md").write_text(text.replace(main, first).replace(deploy, second))
+        return subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+
+    result = ci("echo one", "echo two")
+    assert result.returncode == 0 and result.stdout == "+ echo one\none\n+ echo two\ntwo\n", result.stdout
+    result = ci("exit 3", "echo two")  # the deploy tests still run after the main ones failed
+    assert result.returncode == 3 and result.stdout.endswith("two\n") and "'<!-- test-command -->'" in result.stderr
+    assert ci("true", "exit 5").returncode == 5  # pytest's "no tests ran" fails CI
+    result = ci("true", "true", readme.replace("<!-- deploy-test-command -->", ""))
+    assert result.returncode == 2 and "no command after '<!-- deploy-test-command -->'" in result.stderr
 
 
 def test_inference_network_matches_training_network():
