@@ -10,6 +10,7 @@ MONAI Label's own ``random`` strategy stays available.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -45,6 +46,17 @@ def _unlabeled_tiles(datastore: Datastore) -> list[str]:
     return [i for i in sorted(datastore.list_images()) if i not in labelled and is_tile(datastore.get_image_uri(i))]
 
 
+def _stored_score(value) -> float | None:
+    """A score read back from the datastore, or None if it is not a finite number (the datastore file is shared)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 class EntropyScoring(ScoringMethod):
     """Scores every unlabeled tile that has no score for the current model (flip-TTA entropy)."""
 
@@ -60,8 +72,12 @@ class EntropyScoring(ScoringMethod):
         for image_id in image_ids:
             info = datastore.get_image_info(image_id)
             if not force and info.get(MODEL_KEY) == stamp and SCORE_KEY in info:
-                scores[image_id] = float(info[SCORE_KEY])
-                continue
+                stored = _stored_score(info[SCORE_KEY])
+                if stored is not None:
+                    scores[image_id] = stored
+                    continue
+                logger.warning("Tile %s has a stored '%s' that is not a number (%r); scoring it again.", image_id,
+                               SCORE_KEY, info[SCORE_KEY])
             try:
                 probabilities = self.pipeline.probabilities(datastore.get_image_uri(image_id), tta=True)
             except InputError as err:

@@ -7,8 +7,8 @@ outlines are shifted by the region's location.
 
 from __future__ import annotations
 
+import math
 import os
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +21,10 @@ __all__ = ["LabelError", "TILE_SUFFIXES", "is_tile", "image_size", "mask_polygon
            "rasterise_polygons", "read_label_mask", "annotation_result"]
 
 GLAND_COLOR = (255, 0, 0)
+# Caps on a label a client sends as ASAP XML: its file size, polygons and points in all.
+MAX_XML_BYTES = 64 * 2**20
+MAX_POLYGONS = 100_000
+MAX_POINTS = 5_000_000
 TILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -57,21 +61,45 @@ def mask_polygons(mask: np.ndarray, offset: Sequence[int] = (0, 0), min_area: fl
 
 
 def read_asap_polygons(path: str | os.PathLike) -> list[tuple[str, list[tuple[float, float]]]]:
-    """The (group name, points) of every polygon in an ASAP XML file (what QuPath's MONAI Label plugin sends)."""
+    """The (group name, points) of every polygon in an ASAP XML file (what QuPath's MONAI Label plugin sends).
+
+    The file comes from a client: it is parsed with ``defusedxml`` (no entity expansion, no external references),
+    and refused above ``MAX_XML_BYTES``, ``MAX_POLYGONS`` polygons or ``MAX_POINTS`` points, or with a coordinate
+    that is not a finite number.
+    """
+    from defusedxml import DefusedXmlException
+    from defusedxml.ElementTree import ParseError, parse
+
     try:
-        root = ElementTree.parse(path).getroot()
-    except (ElementTree.ParseError, OSError) as err:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise LabelError(f"Label '{path}' cannot be read ({err}).") from err
+    if size > MAX_XML_BYTES:
+        raise LabelError(f"Label '{path}' is {size} bytes of XML; at most {MAX_XML_BYTES} are read. Split the "
+                         "annotation or send a mask image.")
+    try:
+        root = parse(path).getroot()
+    except (ParseError, DefusedXmlException, OSError) as err:
         raise LabelError(f"Label '{path}' is not readable ASAP XML ({err}); export the annotation again.") from err
-    polygons = []
+    polygons, total = [], 0
     for annotation in root.iter("Annotation"):
         points = []
         for coordinate in annotation.iter("Coordinate"):
             try:
                 order = int(coordinate.get("Order", len(points)))
-                points.append((order, float(coordinate.get("X")), float(coordinate.get("Y"))))
-            except (TypeError, ValueError) as err:
+                x, y = float(coordinate.get("X")), float(coordinate.get("Y"))
+            except (TypeError, ValueError, OverflowError) as err:
                 raise LabelError(f"Label '{path}': a Coordinate of annotation '{annotation.get('Name')}' has no "
                                  f"numeric X / Y ({coordinate.attrib}).") from err
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise LabelError(f"Label '{path}': a Coordinate of annotation '{annotation.get('Name')}' is not a "
+                                 f"finite number ({coordinate.attrib}).")
+            points.append((order, x, y))
+            total += 1
+            if total > MAX_POINTS:
+                raise LabelError(f"Label '{path}' has more than {MAX_POINTS} points; simplify the outlines.")
+        if len(polygons) >= MAX_POLYGONS:
+            raise LabelError(f"Label '{path}' has more than {MAX_POLYGONS} polygons; split the annotation.")
         if len(points) >= 3:
             points.sort()
             name = annotation.get("PartOfGroup") or annotation.get("Name") or "gland"
@@ -113,12 +141,19 @@ def is_tile(path: str | os.PathLike) -> bool:
         return False
 
 
-def read_label_mask(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
+def read_label_mask(path: str | os.PathLike, height: int, width: int, max_pixels: int | None = None) -> np.ndarray:
     """The 0 / 1 mask of a label file for an image of ``height`` x ``width`` pixels.
 
     ASAP XML polygons (coordinates relative to the image) are filled; a mask image (PNG / TIFF / BMP, any
-    non-zero value is gland) must have the image's size. Anything else raises ``LabelError`` naming the file.
+    non-zero value is gland) must have the image's size, which is compared from its header before it is decoded.
+    Anything else raises ``LabelError`` naming the file.
+
+    Args:
+        max_pixels: refuse an image of more pixels than this before reading it. Defaults to None (no cap).
     """
+    if max_pixels is not None and height * width > max_pixels:
+        raise LabelError(f"The image of label '{path}' is {width} x {height} pixels, more than the {max_pixels} this "
+                         "server reads.")
     path = Path(path)
     if path.suffix.lower() == ".xml":
         polygons = read_asap_polygons(path)
@@ -130,8 +165,13 @@ def read_label_mask(path: str | os.PathLike, height: int, width: int) -> np.ndar
         return rasterise_polygons(polygons, height, width)
     try:
         with Image.open(path) as image:
+            if image.size != (width, height):
+                raise LabelError(f"Label '{path}' is {image.width} x {image.height} pixels but its image is "
+                                 f"{width} x {height}; a mask label must have the image's size.")
             array = np.asarray(image)
             colour = [i for i, band in enumerate(image.getbands()) if band != "A"]  # an alpha band is not the mask
+    except LabelError:
+        raise
     except Exception as err:
         raise LabelError(f"Label '{path}' cannot be read as an image or ASAP XML ({err}); send a mask image of the "
                          "image's size (non-zero = gland) or QuPath's ASAP XML.") from err

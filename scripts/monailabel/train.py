@@ -16,6 +16,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
 from scripts.files import atomic_path, write_text_atomically
+from scripts.monailabel.guard import checked_train_request
 from scripts.monailabel.annotations import LabelError, image_size, is_tile, read_label_mask
 from scripts.networks import RECORD_KEYS, stored_record
 
@@ -62,7 +64,7 @@ def build_datalist(datastore: Datastore, folder: Path, validation_fraction: floa
         except LabelError as err:
             skipped.append({"image": image, "label": label, "reason": str(err)})
             continue
-        target = labels_dir / f"{image_id}.png"
+        target = labels_dir / f"{image_id}.png"  # ids are single names: the datastore's files or checked uploads
         Image.fromarray(mask * 255).save(target)
         labelled.append({"image": image, "label": str(target)})
     rng = random.Random(seed)
@@ -89,12 +91,17 @@ class GlandTrainTask(TrainTask):
         work_dir: where each run keeps its datalist, checkpoints and logs. Defaults to ``<model dir>/monailabel``.
         overrides: ``train.json`` keys every run gets (e.g. the CPU recipe's or a small network for a demo).
         config_files: extra config files layered on ``train.json`` (e.g. ``configs/recipes/cpu.json``).
+        keep_runs: run folders kept in ``work_dir``, the newest ones; older ones are removed after each run.
+            Defaults to 5.
     """
 
     def __init__(self, bundle_root: str | os.PathLike, model_path: str | os.PathLike, work_dir: str | os.PathLike | None = None,
-                 overrides: dict | None = None, config_files: list[str] | None = None,
+                 overrides: dict | None = None, config_files: list[str] | None = None, keep_runs: int = 5,
                  description: str = "Semi-supervised MPAMatch training on the datastore's labelled and unlabeled tiles"):
         super().__init__(description)
+        if int(keep_runs) < 1:
+            raise ValueError(f"keep_runs must be at least 1, got {keep_runs}.")
+        self.keep_runs = int(keep_runs)
         self.bundle_root = Path(bundle_root)
         self.model_path = Path(model_path)
         self.work_dir = Path(work_dir) if work_dir else self.model_path.parent / "monailabel"
@@ -114,17 +121,19 @@ class GlandTrainTask(TrainTask):
             return {}
 
     def _command(self, datalist: Path, run_dir: Path, request: dict) -> tuple[list[str], str]:
+        """The child's command line and its settings file. ``request`` is checked (``checked_train_request``): every
+        value a client gave is a preset name, a number or a bool, never a string MONAI's parser would evaluate."""
         settings = {**self.overrides}
-        method = str(request.get("method") or "mpamatch")
+        method = request.get("method") or "mpamatch"
         settings["method"] = method
-        settings["seed"] = int(request.get("seed", 0))
+        settings["seed"] = request.get("seed", 0)
         if request.get("labeled_batch_size"):
-            settings["labeled_batch_size"] = int(request["labeled_batch_size"])
-        if int(request.get("num_iterations") or 0) > 0:
-            settings["num_iterations"] = int(request["num_iterations"])
-        elif int(request.get("num_epochs") or 0) > 0:  # epochs asked for: a recipe's iteration budget must not win
-            settings["num_epochs"], settings["num_iterations"] = int(request["num_epochs"]), None
-        finetune = str(request.get("finetune", True)).lower() in ("1", "true", "yes")
+            settings["labeled_batch_size"] = request["labeled_batch_size"]
+        if (request.get("num_iterations") or 0) > 0:
+            settings["num_iterations"] = request["num_iterations"]
+        elif (request.get("num_epochs") or 0) > 0:  # epochs asked for: a recipe's iteration budget must not win
+            settings["num_epochs"], settings["num_iterations"] = request["num_epochs"], None
+        finetune = request.get("finetune", True)
         record = stored_record(self.model_path) if finetune and self.model_path.is_file() else None
         if record is not None:
             # Fine-tuning keeps the served network's shape: its record decides the network keys.
@@ -141,11 +150,24 @@ class GlandTrainTask(TrainTask):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         start = time.time()
-        request = {**self.config(), **request}
-        run_dir = self.work_dir / time.strftime("run_%Y%m%d_%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        data = build_datalist(datastore, run_dir, float(request.get("validation_fraction", 0.2)),
-                              int(request.get("seed", 0)))
+        request = checked_train_request({**self.config(), **request}, strict=False)  # the server checked it strictly
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("run_%Y%m%d_%H%M%S_"), dir=self.work_dir))
+        try:
+            return self._run(request, datastore, run_dir, start)
+        finally:
+            self._remove_old_runs(keep=run_dir)
+
+    def _remove_old_runs(self, keep: Path) -> None:
+        """Keeps the newest ``keep_runs`` run folders (always ``keep``, the run that just ended)."""
+        runs = sorted((p for p in self.work_dir.glob("run_*") if p.is_dir() and not p.is_symlink() and p != keep),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in runs[max(0, self.keep_runs - 1):]:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("Removed the old training run %s (keep_runs %d)", old, self.keep_runs)
+
+    def _run(self, request: dict, datastore: Datastore, run_dir: Path, start: float) -> dict[str, Any]:
+        data = build_datalist(datastore, run_dir, request.get("validation_fraction", 0.2), request.get("seed", 0))
         for entry in data["skipped"]:
             logger.warning("Not trained on %s: %s", entry["image"], entry["reason"])
         if not data["training"] and not data["validation"]:
@@ -156,14 +178,14 @@ class GlandTrainTask(TrainTask):
         if len(data["validation"]) == 1 and data["validation"] == data["training"]:
             logger.warning("Only one labelled tile: it is trained on and validated on; label more for a fair "
                            "model selection.")
-        method = str(request.get("method") or "mpamatch")
+        method = request.get("method") or "mpamatch"
         unlabeled_batch = int(self.overrides.get("unlabeled_batch_size", SEMI_SUPERVISED_MINIMUM))
         if method != "supervised" and len(data["unlabeled"]) < unlabeled_batch:
             logger.warning("The datastore has %d unlabeled tiles, fewer than one unlabeled batch (%d): training the "
                            "'supervised' preset instead of '%s'. Add unlabeled tiles to train semi-supervised.",
                            len(data["unlabeled"]), unlabeled_batch, method)
             request["method"] = "supervised"
-        labeled_batch = int(request.get("labeled_batch_size") or self.overrides.get("labeled_batch_size", 4))
+        labeled_batch = request.get("labeled_batch_size") or int(self.overrides.get("labeled_batch_size", 4))
         if len(data["training"]) < labeled_batch:
             logger.info("Labelled batch size %d -> %d (the number of labelled training tiles).", labeled_batch,
                         len(data["training"]))

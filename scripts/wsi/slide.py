@@ -194,7 +194,11 @@ class Slide:
         # MONAI takes the level-0 top-left corner; OpenSlide maps it back with its own downsample factor
         scale = float(self._reader.get_downsample_ratio(self._handle, level))
         location = (int(round(y0 * scale)), int(round(x0 * scale)))
-        patch, _ = self._reader.get_data(self._handle, location=location, size=(y1 - y0, x1 - x0), level=level)
+        try:
+            patch, _ = self._reader.get_data(self._handle, location=location, size=(y1 - y0, x1 - x0), level=level)
+        except Exception as err:  # OpenSlide reports damaged tiles with its own error types
+            raise RunError(f"'{self.path}': cannot read the {x1 - x0} x {y1 - y0} region at ({x0}, {y0}) of level "
+                           f"{level} ({err}); the slide file may be damaged.") from err
         out[y0 - top:y1 - top, x0 - left:x1 - left] = np.asarray(patch)[..., :3]
         return out
 
