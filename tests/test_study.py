@@ -239,6 +239,15 @@ def test_rerun_skips_finished_runs(study, caplog):
     assert "| supervised | 0.5 | 1 |" in (out / "results.md").read_text()
 
 
+def test_an_override_no_config_defines_is_refused_before_any_run(study, tmp_path):
+    out, args, _ = study
+    other_out = tmp_path / "typo"
+    typo = [*args[:args.index("--override")], "--override", json.dumps({"num_epoch": 1}), "--out", str(other_out)]
+    with pytest.raises(ConfigError, match="num_epoch .did you mean num_epochs"):
+        main(typo)
+    assert not (other_out / "runs").exists()
+
+
 def test_other_test_setting_in_the_same_out_is_refused(study, tmp_path):
     from scripts.data import ensure_demo_dataset
 

@@ -133,6 +133,20 @@ def encode_override(value: Any) -> str:
     return repr(value)
 
 
+def _top_key(key: str) -> str:
+    return key.split("#")[0].split("::")[0]
+
+
+def _defined_keys(files: Sequence[Path]) -> set[str]:
+    """Top-level keys the config files define."""
+    from monai.bundle import ConfigParser
+
+    keys: set[str] = set()
+    for file in files:
+        keys |= {_top_key(key) for key in ConfigParser.load_config_file(str(file))}
+    return keys
+
+
 def _override_args(overrides: dict[str, Any]) -> list[str]:
     args = []
     for key, value in overrides.items():
@@ -169,7 +183,24 @@ class Study:
         self.train_files += [self.recipe] if self.recipe else []
         self.mask_config = self.out / "configs" / "save_test_masks.json"
         self.eval_files = self.train_files + [CONFIG_DIR / "evaluate.json", self.mask_config]
+        self._check_override_keys()
         self.runs = [StudyRun(m, r, s) for r in options.labeled_ratios for s in options.seeds for m in options.methods]
+
+    def _check_override_keys(self) -> None:
+        """Refuses an ``--override`` key that neither training nor evaluation defines, before any run starts.
+
+        Each step then gets the override keys its own config files define (``eval_overlays`` reaches evaluation
+        only), since a bundle command refuses a key that none of its config files defines.
+        """
+        import difflib
+
+        known = _defined_keys(self.train_files) | _defined_keys([CONFIG_DIR / "evaluate.json"])
+        unknown = [key for key in self.options.overrides if _top_key(key) not in known]
+        if unknown:
+            hints = [f"{key} (did you mean {' or '.join(close)}?)" if (close := difflib.get_close_matches(
+                _top_key(key), sorted(known), n=2)) else key for key in unknown]
+            raise ConfigError(f"--override sets {', '.join(hints)}, which no config of the study defines "
+                              "(train.json, evaluate.json, the data set's preset and the recipe).")
 
     # --- options and the study record -------------------------------------------------------------------------
 
@@ -266,7 +297,11 @@ class Study:
                 "--datalist", encode_override(str(datalist)),
                 "--method", encode_override(run.method),
                 "--seed", encode_override(run.seed),
-                *extra, *_override_args(self.options.overrides)]
+                *extra, *_override_args(self._overrides_for(files))]
+
+    def _overrides_for(self, files: Sequence[Path]) -> dict[str, Any]:
+        defined = _defined_keys([f for f in files if Path(f).is_file()])
+        return {key: value for key, value in self.options.overrides.items() if _top_key(key) in defined}
 
     def _step(self, run_id: str, files: Sequence[Path], run: StudyRun, run_dir: Path, datalist: Path,
               extra: Sequence[str], log_name: str) -> tuple[str, float]:
