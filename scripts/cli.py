@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts.data import ensure_demo_dataset
+from scripts.deploy import EXTERNAL_DATA_THRESHOLD
 from scripts.errors import ConfigError
 from scripts.networks import build_text_tower, encode_text_features
 
@@ -115,10 +116,13 @@ def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "Vi
 
 
 def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", config_file: str = str(REPO_CONFIG),
-                example_size: Sequence[int] = (2, 3, 256, 256), **overrides) -> str:
+                example_size: Sequence[int] = (2, 3, 256, 256),
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, **overrides) -> str:
     """Builds the network ``ckpt`` records (or, for an older file, that of ``config_file`` with ``--key value``
     overrides, as for training), loads ``ckpt`` strictly and exports it to ``out`` with dynamic batch, height and
-    width and the model's record (if it has one) in the file's metadata; fails if ONNX Runtime and PyTorch differ by more than 1e-4.
+    width and the model's record (if it has one) in the file's metadata; fails if ONNX Runtime and PyTorch differ by
+    more than 1e-4. Weights over ``external_data_threshold`` bytes (default 1.5 GiB; 0: always) go to
+    ``<out>.data`` beside ``out``.
 
     Example: ``python -m scripts.cli export-onnx --ckpt models/model.pt --out models/model.onnx``
     """
@@ -143,7 +147,8 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     load_trained_weights(network, ckpt, key="--ckpt")
     # A file without a record (written before records existed) exports without one: its window is not known.
     record = model_record(**settings) if stored_record(ckpt, "--ckpt") is not None else None
-    return str(export(network, out, tuple(example_size), record=record))
+    return str(export(network, out, tuple(example_size), record=record,
+                      external_data_threshold=int(external_data_threshold)))
 
 
 def _path_of(function):

@@ -1,5 +1,7 @@
-"""ONNX export: dynamic sizes, parity with PyTorch, the ONNX Runtime backend of inference.json, clear errors."""
+"""ONNX and TorchScript export: dynamic sizes, parity with PyTorch, weights in an external data file, the ONNX
+Runtime backend of inference.json, MONAI's export commands, clear errors."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +11,43 @@ from PIL import Image
 
 from scripts.deploy import OnnxSegmenter, check_onnx_parity, export_onnx
 from scripts.errors import ConfigError
+from scripts.networks import UNITransUNet, model_record, stored_record
 from tests.helpers import NET_ARGS, run_python, tiny_network
 
 REPO = Path(__file__).resolve().parent.parent
+INFERENCE = REPO / "bundle" / "configs" / "inference.json"
+# The record of tiny_network() as training writes it into model.pt.
+TINY_RECORD = model_record(num_classes=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1}, n_skip=3,
+                           skip_channels=[16, 8, 8], decoder_channels=[16, 16, 8, 8], embed_dim=512, hybrid=False,
+                           roi_size=[64, 64], image_scale=1.0, class_names=["background", "gland"])
 
 
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """tiny_network() saved with its record as other.pt, and a bundle root laid out as the repository whose
+    models/model.pt records another network (what the main job leaves there): MONAI's export commands given
+    ``--ckpt_file other.pt`` must build other.pt's network, not that one."""
+    folder = tmp_path_factory.mktemp("recorded")
+    network = tiny_network()
+    torch.save({"model": network.state_dict(), "config": TINY_RECORD}, folder / "other.pt")
+    torch.manual_seed(1)
+    record = {**TINY_RECORD, "encoder_kwargs": {"depth": 2}, "skip_channels": [32, 16, 8], "embed_dim": 16,
+              "roi_size": [96, 96]}
+    main_job = UNITransUNet(out_channels=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 2},
+                            skip_channels=(32, 16, 8), decoder_channels=(16, 16, 8, 8), embed_dim=16)
+    (folder / "bundle" / "models").mkdir(parents=True)
+    torch.save({"model": main_job.state_dict(), "config": record}, folder / "bundle" / "models" / "model.pt")
+    return network, folder
 
 
+def assert_same_logits(model, network, shapes, tolerance=1e-4):
+    """``model`` (exported) gives ``network``'s logits at every shape."""
+    for shape in shapes:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected, got = network(x), model(x)
+        assert got.shape == expected.shape
+        assert float((got - expected).abs().max()) <= tolerance, shape
 
 
 @pytest.fixture(scope="module")
@@ -73,21 +105,73 @@ def test_checkpoint_that_does_not_fit_is_named(exported, tmp_path):
     assert f"ERROR: Checkpoint '{folder / 'model.pt'}' does not fit the network" in result.stderr
 
 
-def test_monai_bundle_onnx_export_with_dynamo(exported, tmp_path):
-    network, folder = exported
+def test_monai_bundle_onnx_export_builds_the_network_of_ckpt_file(recorded, tmp_path):
+    """No network overrides: the network comes from the record of --ckpt_file, not from the bundle's model.pt."""
+    network, folder = recorded
     result = run_python(["-m", "monai.bundle", "onnx_export", "network_def", "--filepath", tmp_path / "monai.onnx",
-                  "--ckpt_file", folder / "model.pt", "--key_in_ckpt", "model",
-                  "--config_file", REPO / "bundle/configs/inference.json", "--input_shape", "[2,3,64,64]",
-                  "--use_trace", "true", "--converter_kwargs",
-                  "{'dynamo': True, 'dynamic_axes': {'x': {0: 'batch', 2: 'height', 3: 'width'}}}", *NET_ARGS])
+                         "--ckpt_file", folder / "other.pt", "--key_in_ckpt", "model", "--config_file", INFERENCE,
+                         "--bundle_root", folder / "bundle", "--input_shape", "[2,3,64,64]", "--use_trace", "true",
+                         "--converter_kwargs",
+                         "{'dynamo': True, 'dynamic_axes': {'x': {0: 'batch', 2: 'height', 3: 'width'}}}"])
     assert result.returncode == 0, result.stderr[-3000:]
     segmenter = OnnxSegmenter(tmp_path / "monai.onnx", num_classes=2, providers=["CPUExecutionProvider"])
-    for shape in [(2, 3, 64, 64), (1, 3, 96, 32)]:
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            expected = network(x)
-        assert segmenter(x).shape == expected.shape
-        assert float((segmenter(x) - expected).abs().max()) <= 1e-4
+    assert_same_logits(segmenter, network, [(2, 3, 64, 64), (1, 3, 96, 32)])
+
+
+def test_monai_bundle_ckpt_export_traces_a_torchscript_model_for_every_size(recorded, tmp_path):
+    network, folder = recorded
+    result = run_python(["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", tmp_path / "model.ts",
+                         "--ckpt_file", folder / "other.pt", "--key_in_ckpt", "model", "--config_file", INFERENCE,
+                         "--bundle_root", folder / "bundle", "--input_shape", "[2,3,64,64]", "--use_trace", "true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    traced = torch.jit.load(str(tmp_path / "model.ts"))
+    # another batch, a non-square size, and the encoder's native 224 x 224 grid, where timm takes another branch
+    assert_same_logits(traced, network, [(2, 3, 64, 64), (1, 3, 96, 32), (3, 3, 224, 224)], tolerance=1e-5)
+
+
+def test_scripting_and_a_trace_at_the_native_size_are_refused_with_what_works():
+    network = tiny_network()
+    with pytest.raises(ConfigError, match=r"cannot be compiled with torch.jit.script.*--use_trace true --input_shape "
+                                          r"\"\[1,3,256,256\]\""):
+        torch.jit.script(network)
+    with pytest.raises(ConfigError, match=r"Tracing at 224x224, the encoder's native size, .* e.g. --input_shape"):
+        torch.jit.trace(network, torch.randn(1, 3, 224, 224))
+
+
+def test_weights_in_an_external_data_file(tmp_path):
+    """The large-model layout, forced on a tiny model: parity, the record, the ONNX Runtime backend, moving the
+    pair, a missing data file, and a later export without data file removing the old one."""
+    from scripts.inference import InferencePipeline
+
+    network = tiny_network()
+    out = tmp_path / "models" / "model.onnx"
+    export_onnx(network, out, example_size=(2, 3, 64, 64), record=TINY_RECORD, external_data_threshold=0)
+    data = out.with_name("model.onnx.data")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]  # nothing temporary left
+    assert data.stat().st_size > sum(t.numel() * t.element_size() for t in network.state_dict().values()) // 2
+    assert out.stat().st_size < data.stat().st_size // 10  # the weights are in the data file
+    assert stored_record(out) == TINY_RECORD
+    assert check_onnx_parity(network, out, [(1, 3, 96, 32), (3, 3, 64, 128)]) <= 1e-4
+
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(out, moved / "renamed.onnx")  # the .onnx may be renamed; its data file keeps its name
+    shutil.move(data, moved / data.name)
+    image = torch.randint(0, 256, (3, 64, 96)).float()
+    torch.save({"model": network.state_dict(), "config": TINY_RECORD}, tmp_path / "model.pt")
+    expected = InferencePipeline(tmp_path / "model.pt", device="cpu").segment_tensor(image)
+    mask = InferencePipeline(moved / "renamed.onnx", backend="onnx", device="cpu").segment_tensor(image)
+    assert mask.shape == (64, 96) and (np.asarray(mask) == np.asarray(expected)).mean() > 0.999
+
+    (moved / data.name).rename(tmp_path / data.name)
+    with pytest.raises(ConfigError, match=r"keeps its weights in model.onnx.data, which is not in its folder .* move "
+                                          r"the data file together with the .onnx"):
+        OnnxSegmenter(moved / "renamed.onnx", num_classes=2)
+
+    export_onnx(network, out, example_size=(2, 3, 64, 64), record=TINY_RECORD, external_data_threshold=0)
+    export_onnx(network, out, example_size=(2, 3, 64, 64), record=TINY_RECORD)  # small: one file, the old data goes
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
+    assert check_onnx_parity(network, out, [(1, 3, 96, 32)]) <= 1e-4
 
 
 def test_export_rebuilds_the_recorded_network_and_stores_the_record(tmp_path):

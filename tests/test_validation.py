@@ -96,8 +96,8 @@ def test_training_run_stops_before_it_starts(broken, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(REPO / "bundle/configs/train.json"),
-         "--datalist", str(broken), "--ckpt_dir", str(tmp_path / "models"), "--encoder_name", "vit_tiny",
-         "--encoder_kwargs", "{'depth': 1}"],
+         "--datalist", str(broken), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "runs"),
+         "--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode != 0

@@ -3,6 +3,10 @@
 Export uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``), which keeps batch, height and width
 dynamic for timm ViTs built with ``dynamic_img_size``; an example batch of two stops the exporter from fixing
 the batch size to 1. Every export is checked against PyTorch before it is written as done.
+
+Protobuf caps one file at 2 GB, so the weights of a large model (UNI2-h's are 2.8 GB in float32) go to an external
+data file beside the ``.onnx`` (``<name>.onnx.data``), which the ``.onnx`` names by its relative path; ONNX Runtime
+reads it from the ``.onnx``'s folder.
 """
 
 from __future__ import annotations
@@ -17,13 +21,22 @@ import torch
 from torch import nn
 
 from scripts.errors import ConfigError, RunError
-from scripts.files import atomic_path
+from scripts.files import atomic_files
 
-__all__ = ["export_onnx", "check_onnx_parity", "OnnxSegmenter", "onnx_providers", "inference_network"]
+__all__ = ["export_onnx", "check_onnx_parity", "OnnxSegmenter", "onnx_providers", "inference_network",
+           "EXTERNAL_DATA_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "image", "pred"
+# Weights larger than this (bytes) go to an external data file, leaving room for the graph under protobuf's 2 GB cap
+# on a file (PyTorch's exporter switches at the same size): UNI2-h's 2.8 GB do, UNI's 1.3 GB stay in the .onnx.
+EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+
+
+def _external_data_name(onnx_path: str | os.PathLike) -> str:
+    """The name of the external data file that ``export_onnx`` writes beside ``onnx_path``: ``<name>.onnx.data``."""
+    return f"{Path(onnx_path).name}.data"
 
 
 def onnx_providers() -> list[str]:
@@ -57,51 +70,76 @@ def check_onnx_parity(network: nn.Module, onnx_path: str | os.PathLike, sizes: S
 
 def export_onnx(network: nn.Module, out: str | os.PathLike, example_size: Sequence[int] = (2, 3, 256, 256),
                 check_sizes: Sequence[Sequence[int]] | None = None, opset: int = 18,
-                record: Mapping[str, Any] | None = None) -> Path:
+                record: Mapping[str, Any] | None = None,
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Exports ``network`` (eval mode, one logits output) with dynamic batch, height and width, then checks parity.
 
     Args:
         network: the trained network.
-        out: output ``.onnx`` path; written through a temporary file.
+        out: output ``.onnx`` path. It is written in a temporary folder with its data file and appears only after
+            the parity check (``scripts.files.atomic_files``).
         example_size: example input shape; batch >= 2 and sides multiples of the patch size.
         check_sizes: input shapes compared against PyTorch after export. Defaults to the example and a
             non-square size with another batch.
         opset: ONNX opset. Defaults to 18.
         record: the model's network and window record (``scripts.networks.model_record``), stored as JSON in the
             file's metadata so inference rebuilds the window from it. Defaults to None (no record).
+        external_data_threshold: weights larger than this many bytes go to ``<out name>.data`` beside ``out``
+            (0: always). Defaults to 1.5 GiB; protobuf cannot write a file over 2 GB.
     """
     batch, _, height, width = example_size
     if batch < 2:
         raise ConfigError(f"example_size batch {batch}: export with a batch of at least 2 so it stays dynamic.")
+    if external_data_threshold < 0:
+        raise ConfigError(f"external_data_threshold={external_data_threshold}: give a size in bytes, 0 or more.")
     patch = getattr(network, "patch_size", 16)
     if check_sizes is None:
         check_sizes = [tuple(example_size), (1, 3, height + 2 * patch, max(patch, width - patch))]
     network = network.eval().cpu()
     out = Path(out)
-    with atomic_path(out, suffix=".onnx") as tmp:  # the file appears only once it passed the parity check
-        worst = _export_checked(network, tmp, example_size, opset, record, check_sizes)
-    logger.info("Exported %s; largest logit difference against PyTorch %.2e over shapes %s", out, worst,
-                list(check_sizes))
+    with atomic_files(out) as folder:  # the .onnx (and its data file) appear only once they passed the parity check
+        worst, external = _export_checked(network, folder / out.name, example_size, opset, record, check_sizes,
+                                          external_data_threshold)
+    if not external:  # a data file beside it belonged to the export this one replaced
+        out.with_name(_external_data_name(out)).unlink(missing_ok=True)
+    logger.info("Exported %s%s; largest logit difference against PyTorch %.2e over shapes %s", out,
+                f" with its weights in {_external_data_name(out)}" if external else "", worst, list(check_sizes))
     return out
 
 
-def _export_checked(network: nn.Module, tmp: Path, example_size, opset: int, record, check_sizes) -> float:
-    """Exports ``network`` to ``tmp``, adds the model's record, checks it against PyTorch; returns the largest
-    logit difference."""
+def _export_checked(network: nn.Module, path: Path, example_size, opset: int, record, check_sizes,
+                    external_data_threshold: int) -> tuple[float, bool]:
+    """Exports ``network`` to ``path`` with the model's record in its metadata and, above the threshold, its weights
+    in a data file beside it; checks it against PyTorch. Returns the largest logit difference and whether the
+    weights went to a data file."""
+    from onnxscript import ir
+
+    from scripts.networks.record import ONNX_RECORD_KEY
+
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
-    torch.onnx.export(network, (torch.randn(*example_size),), str(tmp), dynamo=True, opset_version=opset,
-                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes={"x": dims},
-                      external_data=False)
+    program = torch.onnx.export(network, (torch.randn(*example_size),), dynamo=True, opset_version=opset,
+                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes={"x": dims})
     if record is not None:
-        import onnx
+        program.model.metadata_props[ONNX_RECORD_KEY] = json.dumps(dict(record))
+    weights = sum(value.const_value.nbytes for value in program.model.graph.initializers.values()
+                  if value.const_value is not None)
+    external = weights > external_data_threshold
+    ir.save(program.model, path, external_data=_external_data_name(path) if external else None)
+    return check_onnx_parity(network, path, check_sizes), external
 
-        from scripts.networks.record import ONNX_RECORD_KEY
 
-        model = onnx.load(str(tmp))
-        entry = model.metadata_props.add()
-        entry.key, entry.value = ONNX_RECORD_KEY, json.dumps(dict(record))
-        onnx.save(model, str(tmp))
-    return check_onnx_parity(network, tmp, check_sizes)
+def _missing_data_files(path: str | os.PathLike) -> list[str]:
+    """The external data files that the ``.onnx`` at ``path`` names and its folder lacks (none when it cannot be
+    read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a readable model: ONNX Runtime's own error says more
+        return []
+    locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    return sorted(name for name in locations if not (Path(path).parent / name).is_file())
 
 
 class OnnxSegmenter(nn.Module):
@@ -125,6 +163,12 @@ class OnnxSegmenter(nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), providers=providers or onnx_providers())
         except Exception as err:  # ONNX Runtime raises its own Fail / InvalidProtobuf / InvalidGraph types
+            missing = _missing_data_files(path)
+            if missing:
+                raise ConfigError(
+                    f"ONNX model '{path}' keeps its weights in {', '.join(missing)}, which is not in its folder "
+                    f"'{Path(path).parent}': move the data file together with the .onnx (same folder, same name)."
+                ) from err
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ConfigError(
                 f"ONNX model '{path}' cannot be loaded by ONNX Runtime: it is truncated, corrupt or not an ONNX file "

@@ -19,6 +19,7 @@ input size) and non-square inputs work.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
@@ -303,8 +304,40 @@ class UNITransUNet(nn.Module):
             groups.append({"params": encoder_params, "lr": lr * encoder_lr_scale, "name": "encoder"})
         return groups
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` first: refuses it with what works instead of a compiler error deep in timm."""
+        side = self._traceable_side()
+        raise ConfigError(
+            "UNITransUNet cannot be compiled with torch.jit.script: timm's forward_intermediates, which gives the "
+            "ViT's token grid, is not scriptable. Export TorchScript by tracing (python -m monai.bundle ckpt_export "
+            f"... --use_trace true --input_shape \"[1,3,{side},{side}]\"), or ONNX with python -m scripts.cli "
+            "export-onnx."
+        )
+
+    def _traceable_side(self) -> int:
+        """An image side whose token grid is not the encoder's native one (see ``_check_trace_size``)."""
+        return (max(self.encoder.patch_embed.grid_size) + 2) * self.patch_size
+
+    def _check_trace_size(self, x: torch.Tensor) -> None:
+        """Refuses a trace at the encoder's native token grid (224 / patch): timm's ViT then leaves the position
+        embedding as it is instead of resampling it, so the trace would record no resampling and fail at every
+        other size. At any other size the resampling is recorded, and the trace matches the network at all sizes."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # reading the example's size is the point here
+            height, width = int(x.shape[-2]), int(x.shape[-1])
+        if (height // self.patch_size, width // self.patch_size) == tuple(self.encoder.patch_embed.grid_size):
+            side = self._traceable_side()
+            raise ConfigError(
+                f"Tracing at {height}x{width}, the encoder's native size, would give a model that runs at that size "
+                "only (timm's ViT skips resampling its position embedding there, and the trace would keep that). "
+                f"Trace at another size, e.g. --input_shape \"[1,3,{side},{side}]\"."
+            )
+
     def _check_size(self, x: torch.Tensor) -> None:
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        if torch.jit.is_tracing():
+            self._check_trace_size(x)
+            return
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return  # export traces with symbolic sizes; callers there pass valid shapes
         if x.ndim != 4 or x.shape[1] != 3:
             raise ConfigError(f"UNITransUNet expects RGB images B x 3 x H x W, got shape {tuple(x.shape)}.")
