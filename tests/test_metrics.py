@@ -77,7 +77,7 @@ def test_empty_masks():
 
 
 def test_overlay_draws_prediction_green_and_truth_yellow():
-    from scripts.handlers import draw_overlay
+    from scripts.data.images import draw_overlay
 
     image = np.full((20, 20, 3), 100, np.uint8)
     pred = square(np.zeros((20, 20), np.uint8), 2, 2, 8)

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from scripts.errors import ConfigError
 
-__all__ = ["RGB_CONVERSIONS", "PLAIN_MODES", "read_image", "read_rgb", "rgb_array", "rgb_problem"]
+__all__ = ["RGB_CONVERSIONS", "PLAIN_MODES", "read_image", "read_rgb", "rgb_array", "rgb_problem", "draw_overlay"]
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -112,3 +112,21 @@ def read_image(path: str | os.PathLike, rgb: bool = False) -> tuple[np.ndarray |
     except Exception as err:
         return None, f"cannot read {path}: {_reason(path, err)}"
 
+
+PRED_COLOUR, TRUTH_COLOUR = (0, 255, 0), (255, 255, 0)
+
+
+def _contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+
+
+def draw_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None, width: int = 2) -> np.ndarray:
+    """The RGB image with the prediction's contours in green and the ground truth's in yellow (evaluation reports,
+    TensorBoard and folder inference draw the same overlay)."""
+    out = np.array(image[..., :3], dtype=np.uint8, copy=True)
+    if truth is not None:
+        out[_contour(truth > 0, width)] = TRUTH_COLOUR
+    out[_contour(pred > 0, width)] = PRED_COLOUR
+    return out

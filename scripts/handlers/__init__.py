@@ -2,13 +2,13 @@
 
 from .checkpoint import (BestMetricSaver, RandomState, ResumeFromCheckpoint, TrainedWeightsLoader, TrainingStateSaver,
                          save_atomically)
-from .evaluation import EvaluationReport, TensorBoardOverlays, draw_overlay
+from .evaluation import EvaluationReport, TensorBoardOverlays
 from .lock import LOCK_NAME, acquire_run_lock
 from .prototypes import PrototypeBankLogger
 from .report import ProgressLogger, TerminalProgressBar, TrainingSummary, require_checkpoint
 
 __all__ = [
     "BestMetricSaver", "ResumeFromCheckpoint", "TrainedWeightsLoader", "TrainingStateSaver", "save_atomically",
-    "EvaluationReport", "draw_overlay", "LOCK_NAME", "acquire_run_lock", "PrototypeBankLogger", "RandomState",
+    "EvaluationReport", "LOCK_NAME", "acquire_run_lock", "PrototypeBankLogger", "RandomState",
     "ProgressLogger", "TerminalProgressBar", "TrainingSummary", "require_checkpoint", "TensorBoardOverlays",
 ]

@@ -14,30 +14,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from PIL import Image
-from scipy import ndimage
 
 from scripts.config import as_bool
-from scripts.data.images import read_rgb
+from scripts.data.images import draw_overlay, read_rgb
 
-__all__ = ["EvaluationReport", "TensorBoardOverlays", "draw_overlay"]
+__all__ = ["EvaluationReport", "TensorBoardOverlays"]
 
 logger = logging.getLogger(__name__)
-
-PRED_COLOUR, TRUTH_COLOUR = (0, 255, 0), (255, 255, 0)
-
-
-def _contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
-
-
-def draw_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None, width: int = 2) -> np.ndarray:
-    """The RGB image with the prediction's contours in green and the ground truth's in yellow."""
-    out = np.array(image[..., :3], dtype=np.uint8, copy=True)
-    if truth is not None:
-        out[_contour(truth > 0, width)] = TRUTH_COLOUR
-    out[_contour(pred > 0, width)] = PRED_COLOUR
-    return out
-
 
 def _stats(values: Sequence[float]) -> dict:
     finite = [v for v in values if v is not None and math.isfinite(v)]

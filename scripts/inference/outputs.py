@@ -19,10 +19,9 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from scripts.config import as_bool
-from scripts.data.images import read_rgb
+from scripts.data.images import draw_overlay, read_rgb
 from scripts.errors import ConfigError
 from scripts.files import atomic_path
-from scripts.handlers.evaluation import draw_overlay
 
 __all__ = ["SavePredictiond", "output_stem", "check_output_names"]
 
