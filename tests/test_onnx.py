@@ -129,6 +129,27 @@ def test_monai_bundle_ckpt_export_traces_a_torchscript_model_for_every_size(reco
     assert_same_logits(traced, network, [(2, 3, 64, 64), (1, 3, 96, 32), (3, 3, 224, 224)], tolerance=1e-5)
 
 
+def test_ckpt_path_is_the_file_monai_export_commands_load(tmp_path, monkeypatch):
+    from scripts.deploy import export_checkpoint
+
+    main = str(Path(__import__("monai").__file__).parent / "bundle" / "__main__.py")  # sys.argv[0] of monai.bundle
+    config = ["--config_file", str(INFERENCE)]
+    default = str(tmp_path / "bundle" / "models" / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    onnx_export = [main, "onnx_export", "network_def", "--ckpt_file", "/a/x.pt", *config]
+    assert export_checkpoint(default, onnx_export) == "/a/x.pt"
+    assert export_checkpoint(default, [main, "trt_export", "--ckpt_file=/a/y.pt", *config]) == "/a/y.pt"
+    args_file = tmp_path / "args.json"
+    args_file.write_text('{"ckpt_file": "/a/z.pt"}')
+    assert export_checkpoint(default, [main, "ckpt_export", "--args_file", str(args_file), *config]) == "/a/z.pt"
+    # ckpt_export's own default: models/model.pt under the working folder, or under --bundle_root (then the config's)
+    assert export_checkpoint(default, [main, "ckpt_export", *config]) == str(tmp_path / "models" / "model.pt")
+    assert export_checkpoint(default, [main, "ckpt_export", "--bundle_root", "b", *config]) == default
+    # every other command and process keeps the config's file
+    assert export_checkpoint(default, [main, "run", "inference", *config]) == default
+    assert export_checkpoint(default, ["pytest", "onnx_export", "--ckpt_file", "/a/x.pt"]) == default
+
+
 def test_scripting_and_a_trace_at_the_native_size_are_refused_with_what_works():
     network = tiny_network()
     with pytest.raises(ConfigError, match=r"cannot be compiled with torch.jit.script.*--use_trace true --input_shape "

@@ -3,8 +3,8 @@
 ``python -m monai.bundle onnx_export / ckpt_export / trt_export --ckpt_file X`` loads the weights of ``X``, but MONAI
 keeps ``ckpt_file`` for itself: the config never sees it. ``inference.json`` builds ``network_def`` from the record of
 ``ckpt_path`` (``scripts.networks.trained_settings``), so without this the network would be that of the repository's
-``models/model.pt`` while the weights come from ``X``, and the export would be refused or, worse, load weights into
-a network they were not trained in. ``ckpt_path`` therefore defaults to the file the export command loads.
+``models/model.pt`` while the weights come from ``X``: the export would be refused (network keys on the command line
+contradict that record) or fail to load ``X``. ``ckpt_path`` therefore defaults to the file the export command loads.
 """
 
 from __future__ import annotations
