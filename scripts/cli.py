@@ -26,6 +26,7 @@ import fire
 import torch
 import torch.nn.functional as F
 
+from scripts.config import as_bool
 from scripts.data import ensure_demo_dataset
 from scripts.deploy import EXTERNAL_DATA_THRESHOLD
 from scripts.errors import ConfigError
@@ -117,7 +118,11 @@ def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "Vi
 
 def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", config_file: str = str(REPO_CONFIG),
                 example_size: Sequence[int] = (2, 3, 256, 256),
-                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, **overrides) -> str:
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, int8: bool = False, int8_out: str | None = None,
+                datalist: str | None = None, dataset_dir: str | None = None,
+                int8_calibration_sections: str = "training,unlabeled", int8_calibration_windows: int = 64,
+                int8_eval_section: str | None = None, int8_max_dice_loss: float = 0.005, label_threshold: float = 0,
+                **overrides) -> str:
     """Builds the network ``ckpt`` records (or, for an older file, that of ``config_file`` with ``--key value``
     overrides, as for training), loads ``ckpt`` strictly and exports it to ``out`` with dynamic batch, height and
     width and the model's record (if it has one) in the file's metadata; fails if ONNX Runtime and PyTorch differ by
@@ -125,6 +130,12 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     ``<out>.data`` beside ``out``.
 
     Example: ``python -m scripts.cli export-onnx --ckpt models/model.pt --out models/model.onnx``
+
+    ``--int8 true --datalist FILE`` also writes an int8 model for CPU servers (``scripts.deploy.quantize``) to
+    ``--int8_out`` (default ``<out>`` with ``.int8.onnx``), calibrated on ``--int8_calibration_windows`` windows of
+    the ``--int8_calibration_sections`` images, with the Dice of both models on ``--int8_eval_section`` (default
+    ``test``, else ``validation``; foreground above ``--label_threshold``) and their mask agreement in its record;
+    it is refused, with those figures, when it loses more than ``--int8_max_dice_loss`` Dice.
     """
     from monai.bundle import ConfigParser
 
@@ -132,6 +143,10 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     from scripts.networks import (LABEL_KEYS, RECORD_KEYS, load_trained_weights, model_record, stored_record,
                                   trained_settings)
 
+    int8 = as_bool(int8, "int8")
+    if int8 and not datalist:
+        raise ConfigError("--int8 true calibrates on your training images: add --datalist FILE (its training and "
+                          "unlabeled sections calibrate, its test or validation section measures the Dice).")
     parser = ConfigParser()
     parser.read_config(config_file)
     for key, value in overrides.items():
@@ -147,8 +162,16 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     load_trained_weights(network, ckpt, key="--ckpt")
     # A file without a record (written before records existed) exports without one: its window is not known.
     record = model_record(**settings) if stored_record(ckpt, "--ckpt") is not None else None
-    return str(export(network, out, tuple(example_size), record=record,
-                      external_data_threshold=int(external_data_threshold)))
+    exported = export(network, out, tuple(example_size), record=record,
+                      external_data_threshold=int(external_data_threshold))
+    if not int8:
+        return str(exported)
+    from scripts.deploy.quantize import describe_int8, export_int8
+
+    quantized, figures = export_int8(exported, int8_out or exported.with_suffix(".int8.onnx"), datalist, dataset_dir,
+                                     int8_calibration_sections, int(int8_calibration_windows), int8_eval_section,
+                                     float(int8_max_dice_loss), config_file, overrides, float(label_threshold))
+    return f"{exported}\n{quantized}: {describe_int8(figures)}"
 
 
 def _path_of(function):

@@ -148,7 +148,8 @@ class OnnxSegmenter(nn.Module):
     Args:
         path: the ``.onnx`` file.
         num_classes: classes the config expects; a model with another count is refused.
-        providers: ONNX Runtime providers. Defaults to CUDA when available, else CPU.
+        providers: ONNX Runtime providers. Defaults to CUDA when available, else CPU; an int8 model
+            (``scripts.deploy.quantize``) runs on the CPU.
     """
 
     def __init__(self, path: str | os.PathLike, num_classes: int, providers: list[str] | None = None):
@@ -174,6 +175,11 @@ class OnnxSegmenter(nn.Module):
                 f"ONNX model '{path}' cannot be loaded by ONNX Runtime: it is truncated, corrupt or not an ONNX file "
                 f"({first[:200]}). Export it again with python -m scripts.cli export-onnx."
             ) from err
+        from .quantize import is_int8
+
+        if (providers is None and self.session.get_providers()[0] != "CPUExecutionProvider"
+                and is_int8(self.session.get_modelmeta().custom_metadata_map)):  # int8 kernels are the CPU provider's
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         shape = self.session.get_outputs()[0].shape
         channels = shape[1] if len(shape) == 4 else None
         if isinstance(channels, int) and channels != num_classes:

@@ -8,7 +8,17 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
 
-__all__ = ["ScaledInferer"]
+__all__ = ["ScaledInferer", "rescale_image"]
+
+
+def rescale_image(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """A batch of images (N x C x H x W) resized by ``scale`` as the network sees it: bilinear, antialiased when
+    shrinking (int8 calibration windows are cut from images resized by this too)."""
+    if scale == 1.0:
+        return image
+    scaled = tuple(max(1, round(s * scale)) for s in image.shape[-2:])
+    plain = image.as_tensor() if hasattr(image, "as_tensor") else image
+    return F.interpolate(plain.float(), size=scaled, mode="bilinear", align_corners=False, antialias=scale < 1.0)
 
 
 class ScaledInferer(Inferer):
@@ -38,10 +48,6 @@ class ScaledInferer(Inferer):
         if self.scale == 1.0:
             return self.inferer(inputs, network, *args, **kwargs)
         size = tuple(inputs.shape[-2:])
-        scaled = tuple(max(1, round(s * self.scale)) for s in size)
-        plain = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
-        small = F.interpolate(plain.float(), size=scaled, mode="bilinear", align_corners=False,
-                              antialias=self.scale < 1.0)
-        logits = self.inferer(small, network, *args, **kwargs)
+        logits = self.inferer(rescale_image(inputs, self.scale), network, *args, **kwargs)
         logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
         return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
