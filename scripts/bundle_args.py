@@ -9,10 +9,11 @@ a random encoder without a word. No code of ours runs before the configs are par
 
 - ``check_command_line_keys`` (in every config's ``initialize``, and for MONAI's export commands when the model
   settings are read) refuses a key that no config file of the command defines;
-- ``command_line_keys`` tells ``scripts.networks.trained_settings`` which keys the user set explicitly.
+- ``scripts.deploy.export_checkpoint`` reads the ``--ckpt_file`` that MONAI's export commands keep to themselves.
 
-A process not started as ``python -m monai.bundle <command>`` (a test, the MONAI Label app, ``InferencePipeline``)
-has no such command line: both see no keys there.
+Nothing else reads the command line: which value wins between a trained model's record and the config is decided
+from the values (``scripts.networks.record``). A process not started as ``python -m monai.bundle <command>`` (a
+test, the MONAI Label app, ``InferencePipeline``) has no such command line: nothing is checked there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Sequence
 
 from scripts.errors import ConfigError, install_excepthook
 
-__all__ = ["CONFIG_COMMANDS", "BundleArguments", "parse_bundle_arguments", "bundle_arguments", "command_line_keys",
+__all__ = ["CONFIG_COMMANDS", "BundleArguments", "parse_bundle_arguments", "bundle_arguments",
            "check_command_line_keys"]
 
 # Commands of ``python -m monai.bundle`` that read config files and take config keys as ``--key value``.
@@ -213,19 +214,6 @@ def bundle_arguments(argv: Sequence[str] | None = None) -> BundleArguments | Non
     if len(argv) < 2 or Path(argv[0]).parts[-3:] != _ENTRY_POINT or argv[1] not in CONFIG_COMMANDS:
         return None
     return parse_bundle_arguments(argv[1:])
-
-
-def command_line_keys(args: Sequence[str] | None = None) -> set[str]:
-    """The top-level config keys set on the command line.
-
-    Args:
-        args: the arguments after ``python -m monai.bundle`` (see ``parse_bundle_arguments``). Defaults to those of
-            this process, or none when it was not started through ``monai.bundle``.
-    """
-    if args is None:
-        arguments = bundle_arguments()
-        return arguments.keys if arguments is not None else set()
-    return parse_bundle_arguments(args).keys
 
 
 def check_command_line_keys(argv: Sequence[str] | None = None) -> None:

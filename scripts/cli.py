@@ -140,7 +140,7 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     from monai.bundle import ConfigParser
 
     from scripts.deploy import export_onnx as export
-    from scripts.networks import (LABEL_KEYS, RECORD_KEYS, load_trained_weights, model_record, stored_record,
+    from scripts.networks import (RECORD_KEYS, load_trained_weights, network_from_record, stored_record,
                                   trained_settings)
 
     int8 = as_bool(int8, "int8")
@@ -151,17 +151,13 @@ def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", c
     parser.read_config(config_file)
     for key, value in overrides.items():
         parser[key] = value
-    # a config of its own may lack the label keys (class names); the network and window keys it must have
-    keys = [key for key in RECORD_KEYS if key not in LABEL_KEYS or parser.get(key) is not None]
-    settings = trained_settings(ckpt, {key: parser.get_parsed_content(key) for key in keys}, key="--ckpt",
-                                argv=[f"--{key}" for key in overrides])
-    for key in keys:
-        parser[key] = settings[key]
-    parser["model_settings"] = settings  # inference.json builds network_def from it; it must describe --ckpt
-    network = parser.get_parsed_content("network_def")
+    # the record keys the config sets (a config of its own may set some); the others are a new training's defaults
+    settings = trained_settings(ckpt, {key: parser.get_parsed_content(key) for key in RECORD_KEYS
+                                       if parser.get(key) is not None}, key="--ckpt")
+    network = network_from_record(settings)
     load_trained_weights(network, ckpt, key="--ckpt")
     # A file without a record (written before records existed) exports without one: its window is not known.
-    record = model_record(**settings) if stored_record(ckpt, "--ckpt") is not None else None
+    record = settings if stored_record(ckpt, "--ckpt") is not None else None
     exported = export(network, out, tuple(example_size), record=record,
                       external_data_threshold=int(external_data_threshold))
     if not int8:

@@ -141,7 +141,7 @@ def test_evaluate_writes_per_image_metrics_summary_and_overlays(trained, demo_da
     tagged = Path(demo_data).parent / "tagged_datalist.json"
     tagged.write_text(json.dumps(content))
     run_bundle(
-        "evaluating", EVALUATE, "--datalist", tagged, *TINY_NET,
+        "evaluating", EVALUATE, "--datalist", tagged,  # no network keys: the model's record gives them
         "--ckpt_dir", out / "models", "--output_dir", out / "runs", "--eval_dir", eval_dir,
     )
     with open(eval_dir / "val_mean_dice_raw.csv") as handle:
@@ -215,14 +215,14 @@ def test_model_records_its_network_and_refuses_contradicting_overrides(trained, 
                       "skip_channels": [16, 8, 8], "decoder_channels": [16, 16, 8, 8], "embed_dim": record["embed_dim"],
                       "hybrid": False, "roi_size": [32, 32], "image_scale": 1.0, "class_names": ["background", "gland"]}
     result = run_bundle(
-        "inference", INFERENCE, "--input_dir", Path(demo_data).parent / "test" / "images", "--encoder_name", "vit_small",
-        "--roi_size", "[64,64]", "--ckpt_path", out / "models" / "model.pt", "--output_dir", tmp_path / "masks",
-        check=False,
+        "inference", INFERENCE, "--input_dir", Path(demo_data).parent / "test" / "images",
+        "--encoder_name", "vit_tiny_reg_p14", "--roi_size", "[64,64]", "--ckpt_path", out / "models" / "model.pt",
+        "--output_dir", tmp_path / "masks", check=False,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert (f"ERROR: Model '{out / 'models' / 'model.pt'}' was trained with encoder_name='vit_tiny', roi_size=[32, 32], "
-            "but this run asks for encoder_name='vit_small', roi_size=[64, 64]. The model rebuilds its own network and "
-            "window: drop --encoder_name, --roi_size") in result.stderr
+            "but this run asks for encoder_name='vit_tiny_reg_p14', roi_size=[64, 64]. The model rebuilds its own "
+            "network and window: drop --encoder_name, --roi_size") in result.stderr
     assert not (tmp_path / "masks").exists()
 
 

@@ -60,7 +60,7 @@ def test_foundation_recipe_trains_the_method_setting(tmp_path, recipe, preset):
     assert (parser["labeled_batch_size"], parser["unlabeled_batch_size"], parser["amp_dtype"]) == (8, 8, "bfloat16")
     assert parser.get_parsed_content("method_config").name == "mpamatch"
     # the network reads the recipe's weights file, which names its encoder's folder
-    assert parser["network_def"]["encoder_weights"] == "@encoder_weights"
+    assert "encoder_weights=@encoder_weights" in parser["network_def"]
     assert parser.get_parsed_content("encoder_weights").endswith(f"/{FOUNDATION[recipe]}/pytorch_model.bin")
 
 
@@ -74,7 +74,7 @@ def test_foundation_recipe_layers_on_evaluation_and_inference(tmp_path, recipe):
             {key: trained[key] for key in NETWORK_KEYS + WINDOW_KEYS}, names
         assert window_fits(parser, settings) == trained["roi_size"]
         # the trained model.pt holds the encoder: evaluation and inference never need the published weights file
-        assert "encoder_weights" not in parser["network_def"], names
+        assert parser["network_def"] == "$scripts.networks.network_from_record(@model_settings)", names
 
 
 def test_conch_dir_sets_the_text_tower_in_one_key(tmp_path):

@@ -43,48 +43,95 @@ def test_ci_runs_the_readme_test_commands_in_order_and_fails_if_either_fails(tmp
     assert result.returncode == 2 and "no command after '<!-- deploy-test-command -->'" in result.stderr
 
 
-def test_inference_network_matches_training_network():
-    """Inference and evaluation build the network and window a model records, from the keys training records."""
-    from scripts.networks import RECORD_KEYS
+def test_the_configs_show_the_defaults_a_new_training_records():
+    """A user reads a new training's network keys in train.json (and inference.json, for files without a record):
+    they are the defaults of the one description, ``scripts.networks.RECORD_FIELDS``."""
+    from monai.bundle import ConfigParser
 
-    train = json.loads((CONFIGS / "train.json").read_text())
-    infer = json.loads((CONFIGS / "inference.json").read_text())
-    evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
-    training_only = {"encoder_weights", "freeze_encoder", "freeze_blocks", "grad_checkpointing"}
-    recorded = RECORD_KEYS
-    for key in recorded:
-        assert f"{key}=@{key}" in train["model_record"], f"train.json does not record '{key}' in model.pt"
-        assert infer[key] == train[key], f"inference.json '{key}' differs from train.json (files without a record)"
-    for config in (infer, evaluate):
-        assert set(config["network_def"]) == set(train["network_def"]) - training_only
-        for key in recorded:
-            assert f"'{key}': @{key}" in config["model_settings"], key
-        for key, value in config["network_def"].items():
-            if key != "_target_":
-                assert value == f"$@model_settings['{'num_classes' if key == 'out_channels' else key}']", key
+    from scripts.networks import DEFAULT_RECORD, RECORD_KEYS
+
+    for name in ("train.json", "inference.json"):
+        config = json.loads((CONFIGS / name).read_text())
+        assert {key: config[key] for key in RECORD_KEYS} == DEFAULT_RECORD, name
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    assert parser.get_parsed_content("model_record") == DEFAULT_RECORD
+    for name in ("evaluate.json", "inference.json"):  # they take the record from the model, never list the keys
+        config = json.loads((CONFIGS / name).read_text())
+        assert config["network_def"] == "$scripts.networks.network_from_record(@model_settings)", name
+        assert "encoder_name" not in config["model_settings"], name
 
 
-def test_class_names_come_from_the_model_record_unless_renamed_on_the_command_line(tmp_path, caplog):
+def test_a_trained_model_record_wins_and_a_chosen_contradiction_is_refused(tmp_path, caplog):
+    """The precedence rule, from values alone: the record gives the network and window; a default in the config
+    gives way (with a log line); a chosen value (not the default) that contradicts the record is refused; chosen
+    class names rename the classes and win; num_classes must match."""
     import logging
 
     import torch
 
     from scripts.errors import ConfigError
-    from scripts.networks import model_record, trained_settings
+    from scripts.networks import DEFAULT_RECORD, model_record, trained_settings
 
     path = tmp_path / "model.pt"
-    torch.save({"model": {}, "config": model_record(num_classes=2, roi_size=[32, 32], class_names=["background", "crypt"])},
-               path)
-    config = {"num_classes": 2, "roi_size": [64, 64], "class_names": ["background", "gland"]}
-    assert trained_settings(path, config, argv=[])["class_names"] == ["background", "crypt"]
+    trained = model_record(encoder_name="vit_tiny", roi_size=[32, 32], class_names=["background", "crypt"])
+    torch.save({"model": {}, "config": trained}, path)
     caplog.set_level(logging.INFO, logger="scripts.networks.record")
-    renamed = trained_settings(path, config, argv=["--class_names", "['background','gland']"])
-    assert renamed["class_names"] == ["background", "gland"] and renamed["roi_size"] == [32, 32]
+    assert trained_settings(path, DEFAULT_RECORD) == trained
+    assert "Network and window from" in caplog.text and "roi_size=[32, 32]" in caplog.text
+    assert trained_settings(tmp_path / "absent.pt", {"roi_size": (64, 64)}) == model_record(roi_size=[64, 64])
+    renamed = trained_settings(path, {**DEFAULT_RECORD, "class_names": ["background", "lumen"]})
+    assert renamed["class_names"] == ["background", "lumen"] and renamed["roi_size"] == [32, 32]
     assert "trained with class_names=['background', 'crypt']" in caplog.text
-    with pytest.raises(ConfigError, match="drop --roi_size"):  # a network or window key is still refused
-        trained_settings(path, config, argv=["--roi_size", "[64,64]", "--class_names", "['a','b']"])
+    with pytest.raises(ConfigError, match=r"roi_size=\[32, 32\], but this run asks for roi_size=\[64, 64\].*drop "
+                                          r"--roi_size \(from the command line, the recipe or your config file\)"):
+        trained_settings(path, {**DEFAULT_RECORD, "roi_size": [64, 64], "class_names": ["a", "b"]})
+    with pytest.raises(ConfigError, match="set num_classes to the trained count"):
+        trained_settings(path, {"num_classes": 3})
+    # an older file without a record, or the ONNX backend for model.pt: the config's values, as they are
+    torch.save({"model": {}}, tmp_path / "old.pt")
+    assert trained_settings(tmp_path / "old.pt", {"roi_size": [64, 64]})["roi_size"] == [64, 64]
+    assert trained_settings(path, {"roi_size": [64, 64]}, enabled=False)["roi_size"] == [64, 64]
     wsi = json.loads((CONFIGS / "inference_wsi.json").read_text())
     assert wsi["slide_segmenter"]["class_names"] == "$@model_settings['class_names']" and "class_names" not in wsi
+
+
+def test_a_new_record_key_is_recorded_restored_and_exported(tmp_path, monkeypatch):
+    """One line in ``RECORD_FIELDS`` makes a key part of the model: a new training records it, inference rebuilds
+    the network with the model's value (whose weights then load strictly) and the ONNX export carries it."""
+    from monai.bundle import ConfigParser
+
+    import torch
+
+    from scripts.cli import export_onnx
+    from scripts.networks import RecordField, load_trained_weights, model_record, network_from_record, stored_record
+    from scripts.networks import record as record_module
+
+    field = RecordField("head_width", "network", 512, int, "decoder_head_channels")
+    monkeypatch.setattr(record_module, "RECORD_FIELDS", (*record_module.RECORD_FIELDS, field))
+    tiny = {"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
+            "decoder_channels": [16, 16, 8, 8], "embed_dim": 16, "roi_size": [32, 32]}
+    train = ConfigParser()
+    train.read_config(str(CONFIGS / "train.json"))
+    for key, value in tiny.items():
+        train[key] = value
+    assert train.get_parsed_content("model_record")["head_width"] == 512  # recorded, though train.json names it not
+    assert train.get_parsed_content("network_def").decoder.conv_more[0].out_channels == 512
+
+    record = model_record(**tiny, head_width=24)
+    torch.manual_seed(0)
+    network = network_from_record(record)
+    assert network.decoder.conv_more[0].out_channels == 24
+    torch.save({"model": network.state_dict(), "config": record}, tmp_path / "model.pt")
+
+    infer = ConfigParser()
+    infer.read_config(str(CONFIGS / "inference.json"))
+    infer.update({"bundle_root": str(tmp_path), "ckpt_path": str(tmp_path / "model.pt"), "device": "cpu"})
+    assert infer.get_parsed_content("model_settings") == record
+    load_trained_weights(infer.get_parsed_content("network_def"), tmp_path / "model.pt")  # strict: the same shapes
+
+    out = export_onnx(ckpt=str(tmp_path / "model.pt"), out=str(tmp_path / "model.onnx"), example_size=(2, 3, 32, 32))
+    assert stored_record(out) == record
 
 
 def test_metadata_pins_match_requirements():

@@ -3,7 +3,8 @@ module that reads every weights file (``weights.py``)."""
 
 from .weights import (TRAIN_FIRST, describe_state, initialised, load_trained_weights, nonfinite_keys, read_checkpoint,
                       read_state_dict, state_misfit, strip_prefix)
-from .record import LABEL_KEYS, NETWORK_KEYS, RECORD_KEYS, WINDOW_KEYS, model_record, stored_record, trained_settings
+from .record import (DEFAULT_RECORD, LABEL_KEYS, NETWORK_KEYS, RECORD_FIELDS, RECORD_KEYS, WINDOW_KEYS, RecordField,
+                     model_record, network_from_record, stored_record, trained_settings)
 from .encoders import ENCODER_PRESETS, build_encoder, check_encoder_weights, encoder_patch_size, load_encoder_weights
 from .transunet import CascadedDecoder, ProjectionHead, SkipStem, TransUNetOutput, UNITransUNet
 from .conch import CONCH_FILES, ConchTokenizer, build_conch_text_tower, check_conch_weights, conch_file
@@ -28,7 +29,11 @@ __all__ = [
     "WINDOW_KEYS",
     "LABEL_KEYS",
     "RECORD_KEYS",
+    "RECORD_FIELDS",
+    "RecordField",
+    "DEFAULT_RECORD",
     "model_record",
+    "network_from_record",
     "trained_settings",
     "stored_record",
     "UNITransUNet",

@@ -1,12 +1,24 @@
-"""What a trained model remembers: the network keys it was built with and the window it was trained at.
+"""What a trained model remembers, and the one path from that record to the network and its window.
 
-``model.pt`` stores, beside the weights, a ``config`` record of the keys that shape the network
-(``NETWORK_KEYS``) and the sliding window and image scale it was trained at (``WINDOW_KEYS``), written by the
-training config (``model_record``). Evaluation, inference, whole-slide inference and ONNX export build the network
-and the window from that record (``trained_settings``), so a model trained with ``--encoder_name vit_tiny`` or the
-CPU recipe runs without repeating those overrides. A value given on the command line that contradicts the record
-is refused; a different value from a config file is replaced by the model's, with a log line. Files written before
-the record existed load with the config's keys, as before.
+``RECORD_FIELDS`` is the one description of the keys that shape the network (``NETWORK_KEYS``), the sliding window
+and image scale it was trained at (``WINDOW_KEYS``) and what its classes are called (``LABEL_KEYS``): each key's
+kind, the value a new training takes when no config sets it, how its value is read and, for a network key, the
+``UNITransUNet`` argument it sets. A new key is one more line there: training records it in ``model.pt`` (the
+``config`` entry, ``model_record``), evaluation, folder and whole-slide inference, export, the Deploy app and
+MONAI Label read it back (``trained_settings``, ``stored_record``) and build the network from it
+(``network_from_record``).
+
+Which value wins, for a model file that holds a record (one rule, decided from the values alone):
+
+- ``num_classes``: the config's must equal the record's (outputs and post-processing are built from it), else the
+  run is refused.
+- Other network and window keys: the record's. A config value that differs from the record and from the default of
+  a new training was chosen (on the command line, in a recipe or in a config file of your own) and contradicts the
+  model: the run is refused. A default is replaced by the record's value, with a log line.
+- Label keys: a chosen value (not the default) renames the classes and wins, since nothing is computed from it;
+  the default gives way to the record's names.
+
+A file written before the record existed, or no file yet, uses the config's values as they are.
 """
 
 from __future__ import annotations
@@ -14,58 +26,129 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from scripts.bundle_args import check_command_line_keys, command_line_keys
+from scripts.bundle_args import check_command_line_keys
 from scripts.config import as_bool
 from scripts.errors import ConfigError
 
 from .weights import read_checkpoint
 
-__all__ = ["NETWORK_KEYS", "WINDOW_KEYS", "LABEL_KEYS", "RECORD_KEYS", "ONNX_RECORD_KEY", "model_record", "stored_record",
-           "trained_settings"]
+__all__ = ["RecordField", "RECORD_FIELDS", "NETWORK_KEYS", "WINDOW_KEYS", "LABEL_KEYS", "RECORD_KEYS", "ONNX_RECORD_KEY",
+           "DEFAULT_RECORD", "model_record", "stored_record", "trained_settings", "network_from_record"]
 
 logger = logging.getLogger(__name__)
 
-NETWORK_KEYS = ("num_classes", "encoder_name", "encoder_kwargs", "n_skip", "skip_channels", "decoder_channels",
-                "embed_dim", "hybrid")
-WINDOW_KEYS = ("roi_size", "image_scale")
-# What the classes are called (background first): whole-slide GeoJSON names its features by them. Unlike the keys
-# above, a value given on the command line wins over the record, since renaming classes changes no computation.
-LABEL_KEYS = ("class_names",)
+
+def _ints(value: Any) -> list[int]:
+    return [int(v) for v in value]
+
+
+def _strings(value: Any) -> list[str]:
+    return [str(v) for v in value]
+
+
+def _mapping(value: Any) -> dict:
+    return dict(value or {})
+
+
+def _bool(value: Any) -> bool:
+    return as_bool(value, "hybrid")
+
+
+@dataclass(frozen=True)
+class RecordField:
+    """One key of a model's record.
+
+    Attributes:
+        name: the config key (``--name value`` for a new training) and the record's entry.
+        kind: ``"network"`` (shapes the network), ``"window"`` (the sliding window and image scale) or ``"label"``
+            (names only).
+        default: the value of a new training that sets none (as ``train.json`` shows it).
+        read: turns a config or JSON value into the recorded one (``[96, 96]`` from a tuple, ``1.0`` from ``1``).
+        argument: the ``UNITransUNet`` argument a network key sets; None for the others.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    read: Callable[[Any], Any]
+    argument: str | None = None
+
+
+RECORD_FIELDS: tuple[RecordField, ...] = (
+    RecordField("num_classes", "network", 2, int, "out_channels"),
+    RecordField("encoder_name", "network", "vit_small", str, "encoder_name"),
+    RecordField("encoder_kwargs", "network", {}, _mapping, "encoder_kwargs"),
+    RecordField("n_skip", "network", 3, int, "n_skip"),
+    RecordField("skip_channels", "network", [256, 128, 64], _ints, "skip_channels"),
+    RecordField("decoder_channels", "network", [128, 64, 32, 16], _ints, "decoder_channels"),
+    RecordField("embed_dim", "network", 512, int, "embed_dim"),
+    RecordField("hybrid", "network", False, _bool, "hybrid"),
+    RecordField("roi_size", "window", [96, 96], _ints),
+    RecordField("image_scale", "window", 1.0, float),
+    # Whole-slide GeoJSON names its features by these (background first).
+    RecordField("class_names", "label", ["background", "gland"], _strings),
+)
+
+
+def _fields() -> dict[str, RecordField]:
+    return {field.name: field for field in RECORD_FIELDS}
+
+
+def _keys(kind: str) -> tuple[str, ...]:
+    return tuple(field.name for field in RECORD_FIELDS if field.kind == kind)
+
+
+NETWORK_KEYS = _keys("network")
+WINDOW_KEYS = _keys("window")
+LABEL_KEYS = _keys("label")
 RECORD_KEYS = NETWORK_KEYS + WINDOW_KEYS + LABEL_KEYS
+DEFAULT_RECORD = {field.name: field.default for field in RECORD_FIELDS}
 # Name of the ONNX metadata entry that holds the record as JSON.
 ONNX_RECORD_KEY = "mpamatch_config"
 
 
 def _normalised(key: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if key in ("skip_channels", "decoder_channels", "roi_size"):
-        return [int(v) for v in value]
-    if key == "encoder_kwargs":
-        return dict(value or {})
-    if key == "hybrid":
-        return as_bool(value, key)
-    if key == "image_scale":
-        return float(value)
-    if key in ("num_classes", "n_skip", "embed_dim"):
-        return int(value)
-    if key == "class_names":
-        return [str(v) for v in value]
-    return value
+    field = _fields().get(key)
+    return value if value is None or field is None else field.read(value)
 
 
 def model_record(**settings: Any) -> dict:
-    """The record stored in ``model.pt`` under ``config``: the given network and window keys, normalised.
+    """A full record: every key of ``RECORD_FIELDS``, the given values (normalised) over the defaults of a new
+    training. Stored in ``model.pt`` under ``config`` and in an exported ONNX file's metadata.
 
     Example (train.json): ``"$scripts.networks.model_record(encoder_name=@encoder_name, roi_size=@roi_size, ...)"``
+
+    Raises:
+        ValueError: a key that is no network, window or label key.
     """
-    unknown = sorted(set(settings) - set(RECORD_KEYS))
+    fields = _fields()
+    unknown = sorted(set(settings) - set(fields))
     if unknown:
-        raise ValueError(f"model_record: {unknown} are not network, window or label keys ({RECORD_KEYS}).")
-    return {key: _normalised(key, value) for key, value in settings.items()}
+        raise ValueError(f"model_record: {unknown} are not network, window or label keys ({sorted(fields)}).")
+    return {name: _normalised(name, settings.get(name, field.default)) for name, field in fields.items()}
+
+
+def network_from_record(record: Mapping[str, Any], **training: Any):
+    """The ``UNITransUNet`` a record describes: its network keys become the network's arguments.
+
+    Args:
+        record: a full record (``model_record``, ``trained_settings``); window and label keys are ignored.
+        training: arguments that shape no trained weights (``encoder_weights``, ``freeze_encoder``,
+            ``freeze_blocks``, ``grad_checkpointing``), for a new training.
+
+    Examples::
+
+        "network_def": "$scripts.networks.network_from_record(@model_settings)"
+    """
+    from .transunet import UNITransUNet
+
+    arguments = {field.argument: _normalised(field.name, record[field.name])
+                 for field in RECORD_FIELDS if field.argument is not None}
+    return UNITransUNet(**arguments, **training)
 
 
 def stored_record(path: str | os.PathLike, key: str = "ckpt_path") -> dict | None:
@@ -89,55 +172,55 @@ def _shown(settings: Mapping[str, Any], keys) -> str:
 
 
 def trained_settings(ckpt_path: str | os.PathLike, settings: Mapping[str, Any], key: str = "ckpt_path",
-                     enabled: bool | str = True, argv: list[str] | None = None) -> dict:
-    """The config's network, window and label keys, with those recorded in ``ckpt_path`` in their place (a label
-    key given on the command line keeps its value).
+                     enabled: bool | str = True) -> dict:
+    """The record a run builds its network and window from: that of ``ckpt_path``, with the config's values where
+    the rule in this module's docstring lets them win.
 
     Args:
-        ckpt_path: the trained ``model.pt`` or exported ``.onnx``; when it does not exist (yet) or ``enabled`` is
-            false, ``settings`` are returned as they are.
-        settings: the config's values of ``RECORD_KEYS`` (or some of them).
+        ckpt_path: the trained ``model.pt`` or exported ``.onnx``; when it does not exist (yet), holds no record or
+            ``enabled`` is false, the config's values (over the defaults) are the record.
+        settings: the config's values of record keys (some or all; ``model_record`` of them).
         key: the config key naming ``ckpt_path``, for the messages. Defaults to ``"ckpt_path"``.
         enabled: false for a backend that does not read ``ckpt_path`` (ONNX). Defaults to True.
-        argv: the arguments to look for explicit keys in (after ``python -m monai.bundle``, or overrides alone).
-            Defaults to this process's ``monai.bundle`` command line (``scripts.bundle_args``), whose keys are
-            checked first: MONAI's export commands (``onnx_export``, ...) run no ``initialize``, and with
-            ``inference.json`` this is the first code of ours they reach.
+
+    Returns:
+        A full record (every key of ``RECORD_FIELDS``).
 
     Raises:
-        ConfigError: a key given on the command line contradicts the record or is defined by no config file, or
-            ``num_classes`` differs (the post-processing and outputs are built from it, so it is never replaced
-            silently).
+        ConfigError: a chosen network or window key contradicts the record, or ``num_classes`` differs (the
+            post-processing and outputs are built from it, so it is never replaced silently). MONAI's export
+            commands run no ``initialize`` and reach this first, so the unknown keys of their command line are
+            checked here too (``scripts.bundle_args.check_command_line_keys``).
     """
-    if argv is None:
-        check_command_line_keys()
-    settings = {name: _normalised(name, value) for name, value in settings.items()}
+    check_command_line_keys()
+    config = model_record(**settings)
     if not as_bool(enabled, "enabled") or not Path(ckpt_path).is_file():
-        return settings
+        return config
     stored = stored_record(ckpt_path, key)
     if stored is None:
         logger.info("%s holds no network record (written by an older version); the config's network keys are used.",
                     ckpt_path)
-        return settings
-    stored = {name: _normalised(name, value) for name, value in stored.items() if name in settings}
-    differing = [name for name, value in stored.items() if settings[name] != value]
-    explicit = command_line_keys(argv)
-    renamed = [name for name in differing if name in explicit and name in LABEL_KEYS]
-    for name in renamed:  # the command line's names win; nothing is computed from them
-        logger.info("%s was trained with %s; %s from the command line is used.", ckpt_path, _shown(stored, [name]),
-                    _shown(settings, [name]))
+        return config
+    fields = _fields()
+    stored = {name: _normalised(name, value) for name, value in stored.items() if name in fields}
+    differing = [name for name, value in stored.items() if config[name] != value]
+    chosen = [name for name in differing if config[name] != model_record()[name]]
+    renamed = [name for name in chosen if fields[name].kind == "label"]
+    for name in renamed:  # the chosen names win; nothing is computed from them
+        logger.info("%s was trained with %s; the config's %s is used.", ckpt_path, _shown(stored, [name]),
+                    _shown(config, [name]))
         del stored[name]
-    differing = [name for name in differing if name not in renamed]
-    refused = [name for name in differing if name in explicit or name == "num_classes"]
+    refused = [name for name in differing if name not in renamed and (name in chosen or name == "num_classes")]
     if refused:
         raise ConfigError(
             f"Model '{ckpt_path}' was trained with {_shown(stored, refused)}, but this run asks for "
-            f"{_shown(settings, refused)}. The model rebuilds its own network and window: drop "
+            f"{_shown(config, refused)}. The model rebuilds its own network and window: drop "
             f"{', '.join('--' + name for name in refused if name != 'num_classes') or 'these overrides'}"
-            f"{' and set num_classes to the trained count' if 'num_classes' in refused else ''}, or point '{key}' at "
-            "a model trained with the values you want."
+            f"{' and set num_classes to the trained count' if 'num_classes' in refused else ''} (from the command "
+            f"line, the recipe or your config file), or point '{key}' at a model trained with the values you want."
         )
-    if differing:
-        logger.info("Network and window from %s: %s (the config had %s).", ckpt_path, _shown(stored, differing),
-                    _shown(settings, differing))
-    return {**settings, **stored}
+    replaced = [name for name in differing if name not in renamed]
+    if replaced:
+        logger.info("Network and window from %s: %s (the config had %s).", ckpt_path, _shown(stored, replaced),
+                    _shown(config, replaced))
+    return {**config, **stored}
