@@ -3,6 +3,7 @@
 Resume after SIGKILL is tested in tests/test_resume.py.
 """
 
+import inspect
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from scripts.engines import TrainingDivergedError, WeightAverage
+from scripts.engines import SemiSupervisedTrainer, TrainingDivergedError, WeightAverage
 from scripts.errors import ConfigError
 from tests.helpers import assert_same
 
@@ -74,11 +75,12 @@ def test_the_trainer_takes_the_method_train_json_resolves_once(demo_data, tmp_pa
     assert (trainer.method.name, trainer.method.lambda_img, trainer.method.lambda_txt) == ("mpamatch", 0.1, 0.3)
     assert not hasattr(trainer, "method_name")
     parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=1)
-    parser["train#trainer#lambda_img"] = 0.2  # a second, contradicting place for a weight is refused
+    parser["train#trainer#method"] = "unimatch"  # a preset name is resolved in one place only: method_config
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("train#trainer")
     cause = err.value if isinstance(err.value, ConfigError) else err.value.__cause__
-    assert isinstance(cause, ConfigError) and "beside a resolved method" in str(cause)
+    assert isinstance(cause, ConfigError) and "pass a resolved method" in str(cause)
+    assert "lambda_img" not in inspect.signature(SemiSupervisedTrainer).parameters  # weights live in the method
 
 
 def test_non_finite_loss_is_skipped_then_stops(demo_data, tmp_path):

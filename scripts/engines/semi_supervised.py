@@ -42,7 +42,7 @@ from scripts.config import as_bool
 from scripts.engines.averaging import WeightAverage
 from scripts.engines.distributed import (all_processes_agree, all_reduce_sum_, average_gradients_, broadcast_state_,
                                          process_rank, unwrap_network)
-from scripts.engines.presets import MethodConfig, resolve_method
+from scripts.engines.presets import METHOD_PRESETS, MethodConfig
 from scripts.errors import ConfigError, RunError
 from scripts.losses import cutmix_targets, masked_cross_entropy, prototype_infonce, sample_pixels_per_class, supervised_loss
 from scripts.networks import TransUNetOutput
@@ -161,9 +161,7 @@ class SemiSupervisedTrainer(Trainer):
         optimizer: optimizer over the network and the text-prototype parameters.
         mix_loader: second unlabeled stream, the CutMix source; defaults to ``unlabeled_loader`` iterated separately.
         method: the resolved method (``resolve_method``; ``train.json`` passes its ``method_config``, so the method
-            is resolved once), or a preset name. Defaults to ``"mpamatch"``.
-        lambda_img: with a preset name, override of its image-contrast weight. Defaults to None (the preset's).
-        lambda_txt: with a preset name, override of its text-contrast weight. Defaults to None (the preset's).
+            and its ``lambda_img`` / ``lambda_txt`` are resolved once). Defaults to the ``mpamatch`` preset.
         confidence_threshold: tau for pseudo-labels. Defaults to 0.95.
         prototype_bank: the image-prototype bank; required when lambda_img > 0.
         text_prototypes: the text-prototype module; required when lambda_txt > 0.
@@ -196,9 +194,7 @@ class SemiSupervisedTrainer(Trainer):
         network: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         mix_loader: Iterable | None = None,
-        method: str | MethodConfig = "mpamatch",
-        lambda_img: float | None = None,
-        lambda_txt: float | None = None,
+        method: MethodConfig = METHOD_PRESETS["mpamatch"],
         confidence_threshold: float = 0.95,
         prototype_bank: PrototypeBank | None = None,
         text_prototypes: TextPrototypes | None = None,
@@ -217,13 +213,10 @@ class SemiSupervisedTrainer(Trainer):
         weight_average: WeightAverage | None = None,
         compile: bool = False,
     ):
-        if isinstance(method, MethodConfig):
-            if lambda_img is not None or lambda_txt is not None:
-                raise ConfigError("lambda_img / lambda_txt were given beside a resolved method; pass them to "
-                                  "resolve_method (train.json's method_config) instead.")
-            self.method = method
-        else:
-            self.method = resolve_method(method, lambda_img, lambda_txt)
+        if not isinstance(method, MethodConfig):
+            raise ConfigError(f"SemiSupervisedTrainer 'method' is {method!r}; pass a resolved method "
+                              "(scripts.engines.resolve_method, train.json's method_config).")
+        self.method = method
         method = self.method.name
         if self.method.lambda_img > 0 and prototype_bank is None:
             raise ConfigError(f"method '{method}' uses image prototypes (lambda_img > 0) but no 'prototype_bank' is given.")
