@@ -115,9 +115,7 @@ def test_datalists_share_one_held_out_test_set(tmp_path, data):
             assert sections[key] and not test & {os.path.realpath(e["image"]) for e in sections[key]}
         for entry in (e for section in sections.values() for e in section):
             assert Path(entry["image"]).is_file() and not Path(entry["image"]).is_symlink()
-            assert ".work" not in entry["image"]
         assert len({e["mask_name"] for e in sections["test"]}) == count
-    assert not (out / "datalists" / ".work").exists()
     # the held-out test set does not move with the split seed
     other = load_sections(build_datalists(data, root, tmp_path / "other", [0.3], test_count=count, split_seed=5)[0.3])
     assert [e["mask_name"] for e in other["test"]] == [e["mask_name"] for e in first["test"]]
@@ -142,8 +140,8 @@ def test_an_adapter_registered_once_is_offered_by_prepare_and_the_study(tmp_path
 
     assert set(commands()["prepare"]) == set(ADAPTERS)
     assert data_names() == ("glas", "ebhi_gland", "ebhi_cancer", "kpi", "folder", "demo")
-    monkeypatch.setitem(ADAPTERS, "my_lab", Adapter(folder.folder_datalist, {"my_lab": {"test_ratio": 0.0}},
-                                                    folder.study_scan, folder.study_layout))
+    monkeypatch.setitem(ADAPTERS, "my_lab", Adapter(folder.folder_datalist, folder.folder_listing, folder.folder_split,
+                                                    {"my_lab": {}}))
     assert "my_lab" in commands()["prepare"] and "my_lab" in data_names()
     assert parse_args(["--data", "my_lab", "--root", str(tmp_path), "--out", str(tmp_path / "o")]).data == "my_lab"
     root = _fake_folder(tmp_path / "data")
@@ -153,6 +151,52 @@ def test_an_adapter_registered_once_is_offered_by_prepare_and_the_study(tmp_path
     assert len(sections["test"]) == 3 and len(sections["unlabeled"]) >= 3
     with pytest.raises(ConfigError, match="--data 'nope' is not one of"):
         build_datalists("nope", root, tmp_path / "none", [0.5])
+
+
+def _comparable(path: Path) -> dict:
+    """A datalist's sections and source, each path resolved and named relative to the datalist's folder when it lies
+    there (KPI's converted patches), without the study's mask names."""
+    folder = path.parent.resolve()
+
+    def shown(value: str) -> str:
+        value = Path(value).resolve()
+        return str(value.relative_to(folder)) if value.is_relative_to(folder) else str(value)
+
+    sections = {key: [{k: shown(v) if k in ("image", "label") else v for k, v in entry.items() if k != "mask_name"}
+                      for entry in entries] for key, entries in load_sections(path).items()}
+    assert not [e for entries in sections.values() for e in entries if "group" in e]  # the split's strata stay unwritten
+    return {**sections, "source": json.loads(path.read_text())["source"]}
+
+
+# data: (prepare arguments that match the study's, whether the study tests on --root's own test section)
+SAME_SPLIT = {"glas": ({}, True), "ebhi_gland": ({"preset": "ebhi_gland", "test_ratio": 0.0}, False),
+              "kpi": ({"rule": "tile", "tile_size": 32}, True), "folder": ({}, False)}
+
+
+@pytest.mark.parametrize("data", sorted(SAME_SPLIT))
+def test_prepare_and_the_study_split_alike_without_links(tmp_path, monkeypatch, data):
+    from scripts.cli import commands
+
+    root = FAKES[data](tmp_path / "data")
+    prepare_args, own_test = SAME_SPLIT[data]
+    test_root = root if own_test else FAKES[data](tmp_path / "test_data")
+    adapter_args = {k: v for k, v in prepare_args.items() if k not in ("preset", "test_ratio")}
+    prepare = commands()["prepare"]["ebhi" if data.startswith("ebhi") else data]
+
+    def no_links(*args, **kwargs):
+        raise AssertionError(f"a symbolic link was made: {args}")
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    for seed, ratio in ((0, 0.3), (4, 0.6)):
+        prepared = Path(prepare(str(root), str(tmp_path / f"prepared_{seed}" / "datalist.json"), labeled_ratio=ratio,
+                                seed=seed, **prepare_args))
+        studied = build_datalists(data, root, tmp_path / f"study_{seed}", [ratio], test_root=test_root,
+                                  split_seed=seed, adapter_args=adapter_args)[ratio]
+        expected, got = _comparable(prepared), _comparable(studied)
+        if not own_test:
+            expected.pop("test"), got.pop("test")
+        assert got == expected and got["training"] and got["unlabeled"] and got["validation"]
+    assert not [p for p in tmp_path.rglob("*") if p.is_symlink()]
 
 
 # --- a tiny real study ----------------------------------------------------------------------------------------------

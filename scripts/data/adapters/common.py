@@ -1,14 +1,15 @@
-"""What every data-set adapter shares: deterministic stratified splits, writing and reading datalists, and the
-study's view of a data set (``StudyData``, links laid out in the adapter's own layout)."""
+"""What every data-set adapter shares: what it lists (``Listing``), the one seeded, stratified split of a listing
+that ``prepare`` and the study both use, and writing and reading datalists."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -16,7 +17,9 @@ from scripts.errors import ConfigError
 from scripts.files import write_text_atomically
 
 __all__ = ["natural_key", "split_counts", "stratified_pick", "seeded_splits", "report_problems", "write_datalist",
-           "resolve_count", "load_sections", "StudyData", "scan_with_adapter", "link_into_view"]
+           "resolve_count", "load_sections", "Listing", "Split", "split_listing", "write_split"]
+
+logger = logging.getLogger(__name__)
 
 SECTIONS = ("training", "unlabeled", "validation", "test")
 
@@ -108,13 +111,15 @@ def report_problems(what: str, problems: Sequence[str], limit: int = 20) -> None
 
 
 def write_datalist(sections: dict[str, list[dict]], out: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Writes a datalist whose paths are relative to its own folder (the default ``dataset_dir``)."""
+    """Writes a datalist whose paths are relative to its own folder (the default ``dataset_dir``); an entry's
+    ``group`` (the stratum of the split) is not written."""
     out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     content: dict = {}
     for key, entries in sections.items():
         content[key] = [
-            {k: (os.path.relpath(v, out.parent) if k in ("image", "label") else v) for k, v in entry.items()}
+            {k: (os.path.relpath(v, out.parent) if k in ("image", "label") else v) for k, v in entry.items()
+             if k != "group"}
             for entry in entries
         ]
     if extra:
@@ -141,42 +146,75 @@ def load_sections(path: str | os.PathLike) -> dict[str, list[dict]]:
 
 
 @dataclass
-class StudyData:
-    """What the label-efficiency study knows about a data set before splitting it (an adapter's ``study_scan``).
+class Listing:
+    """What an adapter finds in a data set, before any split: the one input of its seeded split, for ``prepare``
+    and the study alike.
 
     Args:
-        pool: annotated training images (``image``, ``label``, ``group`` and the adapter's fields), absolute paths;
-            ``group`` stratifies the test images the study holds out.
-        unlabeled: training images without annotation, kept unlabeled in every datalist.
-        test: the test entries when they come from ``--test_root`` (or the demo's own section), else None.
-        extra: data-set specific paths (the KPI validation folder, the demo's validation section).
+        annotated: the images the split shares out, as ``(name, entry)`` in the data set's order. ``name`` is the
+            image's key for the split (a seed picks by the natural order of the names); ``entry`` holds ``image``,
+            ``label``, ``group`` (the stratum: GlaS grade, EBHI class, KPI disease model, one group for folders)
+            and the adapter's own fields.
+        unlabeled: images without annotation, unlabeled in every split.
+        fixed: sections the data set sets itself (GlaS testA / testB, KPI's validation and test splits, CSV rows
+            with a split), added after the split's images of the same section.
+        source: what the datalist's ``source`` records of the data set (its name and folder).
     """
 
-    pool: list[dict]
+    annotated: list[tuple[str, dict]]
     unlabeled: list[dict] = field(default_factory=list)
-    test: list[dict] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, list[dict]] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
 
 
-def scan_with_adapter(adapter: Callable, group: Callable[[dict], str], root: Path, test_root: Path | None,
-                      scratch: Path, **kwargs) -> StudyData:
-    """The study's view of a data set its own adapter lists: the adapter runs with every image labeled and nothing
-    held out, so it lists (and checks) the whole set; annotated images form the pool, each with ``group(entry)``,
-    unlabeled ones stay unlabeled, and every annotated image of ``test_root`` is the test set."""
-    def listed(folder: Path) -> dict[str, list[dict]]:
-        return load_sections(adapter(folder, scratch / "scan.json", labeled_ratio=1.0, validation_ratio=0.0, **kwargs))
+class Split(NamedTuple):
+    """A datalist before it is written: its sections and its ``source`` record."""
 
-    def annotated(sections: dict[str, list[dict]]) -> list[dict]:
-        return [dict(entry, group=group(entry)) for entry in sections["training"]]
-
-    sections = listed(root)
-    test = annotated(listed(test_root)) if test_root is not None else None
-    return StudyData(annotated(sections), unlabeled=sections["unlabeled"], test=test)
+    sections: dict[str, list[dict]]
+    source: dict[str, Any]
 
 
-def link_into_view(target: str, link: Path) -> None:
-    """One file of the study's view of a data set: a symbolic link at ``link`` to ``target``."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        raise ConfigError(f"Two images of the data set map to '{link}'; the study cannot tell them apart.")
-    link.symlink_to(os.path.realpath(target))
+def _unlabeled(entry: dict) -> dict:
+    """An annotated entry as an unlabeled image: without its label and group."""
+    return {k: v for k, v in entry.items() if k not in ("label", "group")}
+
+
+def split_listing(listing: Listing, seed: int, *, test: tuple[float | None, int | None] | None = None,
+                  validation: tuple[float | None, int | None] | None = None,
+                  labeled: tuple[float | None, int | None] = (1.0, None)) -> dict[str, list[dict]]:
+    """The datalist sections of every adapter: :func:`seeded_splits` over the annotated images, by their groups.
+
+    Held-out test and validation images keep their labels; of the rest, the labeled share goes to ``training``
+    and the others to ``unlabeled`` without labels, followed by the listing's unlabeled images. Every section
+    keeps the listing's order and ends with the listing's fixed entries of that section. A listing without
+    annotated images is not split (its unlabeled and fixed entries only).
+
+    Raises:
+        ConfigError: when a ratio or count is out of range, or no labeled image is left.
+    """
+    sections: dict[str, list[dict]] = {key: [] for key in SECTIONS}
+    if listing.annotated:
+        names = [name for name, _ in listing.annotated]
+        split = seeded_splits(names, [entry["group"] for _, entry in listing.annotated], seed, test=test,
+                              validation=validation, labeled=labeled)
+        test_set, validation_set, labeled_set = set(split["test"]), set(split["validation"]), set(split["labeled"])
+        for name, entry in listing.annotated:
+            if name in test_set:
+                sections["test"].append(entry)
+            elif name in validation_set:
+                sections["validation"].append(entry)
+            elif name in labeled_set:
+                sections["training"].append(entry)
+            else:
+                sections["unlabeled"].append(_unlabeled(entry))
+    sections["unlabeled"] += listing.unlabeled
+    for key, entries in listing.fixed.items():
+        sections[key] += entries
+    return sections
+
+
+def write_split(split: Split, out: str | os.PathLike) -> Path:
+    """Writes the datalist of ``split`` (see :func:`write_datalist`) and logs its section sizes."""
+    path = write_datalist(split.sections, out, extra={"source": split.source})
+    logger.info("%s datalist %s: %s", split.source["dataset"], path, {k: len(v) for k, v in split.sections.items()})
+    return path

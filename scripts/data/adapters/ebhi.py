@@ -13,10 +13,9 @@ from pathlib import Path
 from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
-from .common import (StudyData, link_into_view, natural_key, report_problems, scan_with_adapter, seeded_splits,
-                     write_datalist)
+from .common import Listing, Split, natural_key, report_problems, split_listing, write_split
 
-__all__ = ["EBHI_CLASSES", "EBHI_PRESETS", "ebhi_datalist", "study_scan", "study_layout"]
+__all__ = ["EBHI_CLASSES", "EBHI_PRESETS", "ebhi_datalist", "ebhi_listing", "ebhi_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +40,54 @@ def _class_folders(root: Path, wanted: tuple[str, ...]) -> dict[str, Path]:
     return {c: present[_normal(c)] for c in wanted}
 
 
+def ebhi_listing(root: str | os.PathLike, preset: str = "ebhi_gland") -> Listing:
+    """The images of ``preset``'s class folders: those with a label annotated and grouped by class, the others
+    unlabeled (and named in a warning); every entry tagged with its ``class``.
+
+    Raises:
+        ConfigError: when the folder, the preset or one of its class folders is missing, or listing every
+            ``image/`` folder that does not exist and every label without an image.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"EBHI-SEG folder '{root}' does not exist (--root).")
+    if preset not in EBHI_PRESETS:
+        raise ConfigError(f"preset='{preset}' is not one of {list(EBHI_PRESETS)}.")
+    annotated, no_label, problems = [], [], []
+    for cls, folder in _class_folders(root, EBHI_PRESETS[preset]).items():
+        image_dir, label_dir = folder / "image", folder / "label"
+        if not image_dir.is_dir():
+            problems.append(f"{image_dir} does not exist")
+            continue
+        labels = {p.name: p for p in label_dir.iterdir() if p.is_file()} if label_dir.is_dir() else {}
+        images = sorted((p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
+        for image in images:
+            if image.name in labels:
+                entry = {"image": str(image), "class": cls, "label": str(labels[image.name]), "group": cls}
+                annotated.append((f"{cls}/{image.name}", entry))
+            else:
+                no_label.append({"image": str(image), "class": cls})
+        problems += [f"{labels[n]}: label without an image" for n in sorted(set(labels) - {p.name for p in images})]
+    if problems:
+        report_problems(f"EBHI-SEG folder '{root}'", problems)
+    if no_label:
+        logger.warning("%d EBHI-SEG image(s) have no label; they go to the unlabeled set: %s", len(no_label),
+                       ", ".join(e["image"] for e in no_label))
+    return Listing(sorted(annotated, key=lambda item: natural_key(item[0])), no_label,
+                   source={"dataset": preset, "root": str(root.resolve())})
+
+
+def ebhi_split(listing: Listing, out: str | os.PathLike, labeled_ratio: float | None = 0.1,
+               labeled_count: int | None = None, validation_ratio: float = 0.1, test_ratio: float = 0.2,
+               seed: int = 0) -> Split:
+    """EBHI-SEG's split of a listing (the arguments of :func:`ebhi_datalist`): test, validation, then the labeled
+    share of the rest, stratified by class; ``out`` is not used."""
+    sections = split_listing(listing, seed, test=(test_ratio, None), validation=(validation_ratio, None),
+                             labeled=(labeled_ratio, labeled_count))
+    return Split(sections, {**listing.source, "seed": seed,
+                            "images_without_label": [e["image"] for e in listing.unlabeled]})
+
+
 def ebhi_datalist(root: str | os.PathLike, out: str | os.PathLike, preset: str = "ebhi_gland",
                   labeled_ratio: float | None = 0.1, labeled_count: int | None = None,
                   validation_ratio: float = 0.1, test_ratio: float = 0.2, seed: int = 0) -> Path:
@@ -56,72 +103,7 @@ def ebhi_datalist(root: str | os.PathLike, out: str | os.PathLike, preset: str =
         test_ratio: share of labeled images held out for testing. Defaults to 0.2.
         seed: split seed. Defaults to 0.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"EBHI-SEG folder '{root}' does not exist (--root).")
-    if preset not in EBHI_PRESETS:
-        raise ConfigError(f"preset='{preset}' is not one of {list(EBHI_PRESETS)}.")
-    pairs, no_label, problems = [], [], []
-    for cls, folder in _class_folders(root, EBHI_PRESETS[preset]).items():
-        image_dir, label_dir = folder / "image", folder / "label"
-        if not image_dir.is_dir():
-            problems.append(f"{image_dir} does not exist")
-            continue
-        labels = {p.name: p for p in label_dir.iterdir() if p.is_file()} if label_dir.is_dir() else {}
-        images = sorted((p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
-        for image in images:
-            key = f"{cls}/{image.name}"
-            if image.name in labels:
-                pairs.append((key, cls, image, labels[image.name]))
-            else:
-                no_label.append((key, cls, image))
-        problems += [f"{labels[n]}: label without an image" for n in sorted(set(labels) - {p.name for p in images})]
-    if problems:
-        report_problems(f"EBHI-SEG folder '{root}'", problems)
-    if not pairs:
-        raise ConfigError(f"EBHI-SEG folder '{root}' holds no labeled images for preset '{preset}'.")
-    if no_label:
-        logger.warning("%d EBHI-SEG image(s) have no label; they go to the unlabeled set: %s", len(no_label),
-                       ", ".join(str(p[2]) for p in no_label))
-    by_key = {key: (cls, image, label) for key, cls, image, label in pairs}
-    names = sorted(by_key, key=natural_key)
-    split = seeded_splits(names, [by_key[n][0] for n in names], seed, test=(test_ratio, None),
-                          validation=(validation_ratio, None), labeled=(labeled_ratio, labeled_count))
-    test, validation, labeled, pool = set(split["test"]), set(split["validation"]), set(split["labeled"]), split["pool"]
-
-    def entry(name: str, with_label: bool = True) -> dict:
-        cls, image, label = by_key[name]
-        item = {"image": str(image), "class": cls}
-        if with_label:
-            item["label"] = str(label)
-        return item
-
-    sections = {
-        "training": [entry(n) for n in pool if n in labeled],
-        "unlabeled": [entry(n, False) for n in pool if n not in labeled]
-        + [{"image": str(image), "class": cls} for _, cls, image in no_label],
-        "validation": [entry(n) for n in names if n in validation],
-        "test": [entry(n) for n in names if n in test],
-    }
-    path = write_datalist(sections, out, extra={"source": {"dataset": preset, "root": str(root.resolve()), "seed": seed,
-                                                           "images_without_label": [str(p[2]) for p in no_label]}})
-    logger.info("EBHI-SEG datalist %s: %s", path, {k: len(v) for k, v in sections.items()})
-    return path
-
-
-def study_scan(root: Path, test_root: Path | None, scratch: Path, **fixed) -> StudyData:
-    """The study's EBHI-SEG pool for one preset (``fixed``): annotated images grouped by class; images without a
-    label stay unlabeled; test = every annotated image of ``test_root``."""
-    return scan_with_adapter(ebhi_datalist, lambda entry: entry["class"], root, test_root, scratch, **fixed)
-
-
-def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
-    """Lays out the study's EBHI-SEG images as links in class folders (every class folder exists, even emptied)."""
-    for entry in list(pool) + list(test) + list(unlabeled):
-        (view / Path(entry["image"]).parent.parent.name / "image").mkdir(parents=True, exist_ok=True)
-    for entry in pool:
-        folder = view / Path(entry["image"]).parent.parent.name
-        link_into_view(entry["image"], folder / "image" / Path(entry["image"]).name)
-        link_into_view(entry["label"], folder / "label" / Path(entry["label"]).name)
-    for entry in unlabeled:
-        link_into_view(entry["image"], view / Path(entry["image"]).parent.parent.name / "image" / Path(entry["image"]).name)
+    listing = ebhi_listing(root, preset)
+    if not listing.annotated:
+        raise ConfigError(f"EBHI-SEG folder '{Path(root).expanduser()}' holds no labeled images for preset '{preset}'.")
+    return write_split(ebhi_split(listing, out, labeled_ratio, labeled_count, validation_ratio, test_ratio, seed), out)

@@ -10,12 +10,9 @@ from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.data.validation import check_entries
 from scripts.errors import ConfigError
 
-from .common import (StudyData, link_into_view, natural_key, report_problems, scan_with_adapter, seeded_splits,
-                     write_datalist)
+from .common import SECTIONS, Listing, Split, natural_key, report_problems, split_listing, write_split
 
-__all__ = ["folder_datalist", "csv_datalist", "study_scan", "study_layout"]
-
-SECTIONS = ("training", "unlabeled", "validation", "test")
+__all__ = ["folder_datalist", "csv_datalist", "folder_listing", "csv_listing", "folder_split"]
 
 
 def _check_files(source: str, groups: dict[str, list[dict]]) -> None:
@@ -31,28 +28,12 @@ def _check_files(source: str, groups: dict[str, list[dict]]) -> None:
                           f"{listing}\nFix or remove them and run prepare again.")
 
 
-def _split(labeled: list[dict], unlabeled: list[dict], labeled_ratio, labeled_count, validation_ratio, test_ratio,
-           seed) -> dict[str, list[dict]]:
-    """Seeded test / validation hold-outs of the labeled entries, then the labeled share of the rest."""
-    names = [e["image"] for e in labeled]
-    split = seeded_splits(names, ["all"] * len(names), seed, test=(test_ratio, None), validation=(validation_ratio, None),
-                          labeled=(labeled_ratio, labeled_count))
-    test, validation, chosen, pool = set(split["test"]), set(split["validation"]), set(split["labeled"]), split["pool"]
-    by_image = {e["image"]: e for e in labeled}
-    return {
-        "training": [by_image[n] for n in pool if n in chosen],
-        "unlabeled": [{"image": by_image[n]["image"]} for n in pool if n not in chosen] + unlabeled,
-        "validation": [by_image[n] for n in names if n in validation],
-        "test": [by_image[n] for n in names if n in test],
-    }
+def folder_listing(root: str | os.PathLike) -> Listing:
+    """The masked images of ``root/images`` (one group) and the images of ``root/unlabeled``, each file checked.
 
-
-def folder_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_ratio: float | None = 1.0,
-                    labeled_count: int | None = None, validation_ratio: float = 0.2, test_ratio: float = 0.0,
-                    seed: int = 0) -> Path:
-    """Datalist from ``root/images`` + ``root/masks`` (masks named like their image, any suffix) and an optional
-    ``root/unlabeled``. Validation and test are held out of the masked images; ``labeled_ratio`` below 1 keeps
-    only that share of the rest labeled (the others become unlabeled), e.g. to simulate a label budget.
+    Raises:
+        ConfigError: when ``images/`` or ``masks/`` is missing, listing every image without a mask and the reverse,
+            and every file that cannot be used.
     """
     root = Path(root).expanduser()
     images_dir, masks_dir = root / "images", root / "masks"
@@ -69,16 +50,38 @@ def folder_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_rat
     unlabeled = [{"image": str(p)} for p in sorted(unlabeled_dir.iterdir(), key=lambda p: natural_key(p.name))
                  if p.suffix.lower() in IMAGE_SUFFIXES] if unlabeled_dir.is_dir() else []
     _check_files(f"Folder '{root}'", {"images": labeled, "unlabeled": unlabeled})
-    sections = _split(labeled, unlabeled, labeled_ratio, labeled_count, validation_ratio, test_ratio, seed)
-    return write_datalist(sections, out, extra={"source": {"dataset": "folder", "root": str(root.resolve()), "seed": seed}})
+    return Listing([(e["image"], dict(e, group="all")) for e in labeled], unlabeled,
+                   source={"dataset": "folder", "root": str(root.resolve())})
 
 
-def csv_datalist(csv_path: str | os.PathLike, out: str | os.PathLike, labeled_ratio: float | None = 1.0,
+def folder_split(listing: Listing, out: str | os.PathLike, labeled_ratio: float | None = 1.0,
                  labeled_count: int | None = None, validation_ratio: float = 0.2, test_ratio: float = 0.0,
-                 seed: int = 0) -> Path:
-    """Datalist from a CSV with columns ``image``, optional ``label`` and optional ``split`` (training / unlabeled /
-    validation / test). Relative paths start from the CSV's folder. Rows with a ``split`` keep it; the others
-    are split like ``folder_datalist`` (rows without a label are unlabeled).
+                 seed: int = 0) -> Split:
+    """The split of a folder or CSV listing (the arguments of :func:`folder_datalist`): test and validation held
+    out of the annotated images, then the labeled share of the rest; ``out`` is not used."""
+    sections = split_listing(listing, seed, test=(test_ratio, None), validation=(validation_ratio, None),
+                             labeled=(labeled_ratio, labeled_count))
+    return Split(sections, {**listing.source, "seed": seed})
+
+
+def folder_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_ratio: float | None = 1.0,
+                    labeled_count: int | None = None, validation_ratio: float = 0.2, test_ratio: float = 0.0,
+                    seed: int = 0) -> Path:
+    """Datalist from ``root/images`` + ``root/masks`` (masks named like their image, any suffix) and an optional
+    ``root/unlabeled``. Validation and test are held out of the masked images; ``labeled_ratio`` below 1 keeps
+    only that share of the rest labeled (the others become unlabeled), e.g. to simulate a label budget.
+    """
+    return write_split(folder_split(folder_listing(root), out, labeled_ratio, labeled_count, validation_ratio,
+                                    test_ratio, seed), out)
+
+
+def csv_listing(csv_path: str | os.PathLike) -> Listing:
+    """The rows of a CSV (columns ``image``, optional ``label`` and ``split``): rows with a ``split`` as fixed
+    entries of that section, the others annotated (one group) or unlabeled; every file checked.
+
+    Raises:
+        ConfigError: when the CSV is missing or has no ``image`` column, listing every row with an unknown split
+            or a split that needs a label, and every file that cannot be used.
     """
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
@@ -105,22 +108,16 @@ def csv_datalist(csv_path: str | os.PathLike, out: str | os.PathLike, labeled_ra
     if problems:
         report_problems(f"CSV '{csv_path}'", problems)
     _check_files(f"CSV '{csv_path}'", {"csv": labeled + unlabeled + [e for entries in fixed.values() for e in entries]})
-    split = _split(labeled, unlabeled, labeled_ratio, labeled_count, validation_ratio, test_ratio, seed) if labeled else {
-        s: (unlabeled if s == "unlabeled" else []) for s in SECTIONS}
-    sections = {s: split[s] + fixed[s] for s in SECTIONS}
-    return write_datalist(sections, out, extra={"source": {"dataset": "csv", "csv": str(csv_path.resolve()), "seed": seed}})
+    return Listing([(e["image"], dict(e, group="all")) for e in labeled], unlabeled, fixed,
+                   source={"dataset": "csv", "csv": str(csv_path.resolve())})
 
 
-def study_scan(root: Path, test_root: Path | None, scratch: Path, **fixed) -> StudyData:
-    """The study's pool of an ``images/`` + ``masks/`` folder (one group); ``unlabeled/`` stays unlabeled; test =
-    every annotated image of ``test_root``."""
-    return scan_with_adapter(folder_datalist, lambda entry: "all", root, test_root, scratch, **fixed)
-
-
-def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
-    """Lays out the study's images as links in ``images/``, ``masks/`` and ``unlabeled/``."""
-    for entry in pool:
-        link_into_view(entry["image"], view / "images" / Path(entry["image"]).name)
-        link_into_view(entry["label"], view / "masks" / Path(entry["label"]).name)
-    for entry in unlabeled:
-        link_into_view(entry["image"], view / "unlabeled" / Path(entry["image"]).name)
+def csv_datalist(csv_path: str | os.PathLike, out: str | os.PathLike, labeled_ratio: float | None = 1.0,
+                 labeled_count: int | None = None, validation_ratio: float = 0.2, test_ratio: float = 0.0,
+                 seed: int = 0) -> Path:
+    """Datalist from a CSV with columns ``image``, optional ``label`` and optional ``split`` (training / unlabeled /
+    validation / test). Relative paths start from the CSV's folder. Rows with a ``split`` keep it; the others
+    are split like ``folder_datalist`` (rows without a label are unlabeled).
+    """
+    return write_split(folder_split(csv_listing(csv_path), out, labeled_ratio, labeled_count, validation_ratio,
+                                    test_ratio, seed), out)

@@ -6,7 +6,6 @@ binary 0/255 masks; any value > 0 is gland.
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import re
 from pathlib import Path
@@ -14,11 +13,9 @@ from pathlib import Path
 from scripts.data.datalist import IMAGE_SUFFIXES
 from scripts.errors import ConfigError
 
-from .common import StudyData, link_into_view, natural_key, report_problems, seeded_splits, write_datalist
+from .common import Listing, Split, natural_key, report_problems, split_listing, write_split
 
-__all__ = ["glas_datalist", "read_glas_grades", "scan_glas", "study_scan", "study_layout"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["glas_datalist", "read_glas_grades", "scan_glas", "glas_listing", "glas_split"]
 
 _NAME = re.compile(r"^(train|testA|testB)_(\d+)$")
 
@@ -58,6 +55,42 @@ def scan_glas(root: Path) -> tuple[dict[str, dict], list[str]]:
     return items, problems
 
 
+def glas_listing(root: str | os.PathLike) -> Listing:
+    """The GlaS folder's images: ``train_N`` annotated and grouped by grade (``unknown`` without ``Grade.csv``),
+    ``testA_N`` / ``testB_N`` as its test section, each entry tagged with its ``grade`` and ``subset``.
+
+    Raises:
+        ConfigError: when the folder does not exist, or listing every image without its annotation and the reverse.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"GlaS folder '{root}' does not exist (--root); point it at the folder with train_N.bmp files.")
+    items, problems = scan_glas(root)
+    if problems:
+        report_problems(f"GlaS folder '{root}'", problems)
+    grades = read_glas_grades(root)
+
+    def entry(name: str) -> dict:
+        grade = grades.get(name, "unknown")
+        return {"image": items[name]["image"], "grade": grade, "subset": items[name]["subset"],
+                "label": items[name]["label"], "group": grade}
+
+    names = sorted(items, key=natural_key)
+    return Listing([(n, entry(n)) for n in names if items[n]["subset"] == "train"],
+                   fixed={"test": [entry(n) for n in names if items[n]["subset"] != "train"]},
+                   source={"dataset": "glas", "root": str(root.resolve())})
+
+
+def glas_split(listing: Listing, out: str | os.PathLike, labeled_ratio: float | None = 0.1,
+               labeled_count: int | None = None, validation_ratio: float | None = 0.15,
+               validation_count: int | None = None, seed: int = 0) -> Split:
+    """GlaS's split of a listing (the arguments of :func:`glas_datalist`): validation held out of the annotated
+    images, then the labeled share of the rest, both stratified by grade; ``out`` is not used."""
+    sections = split_listing(listing, seed, validation=(validation_ratio, validation_count),
+                             labeled=(labeled_ratio, labeled_count))
+    return Split(sections, {**listing.source, "seed": seed})
+
+
 def glas_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_ratio: float | None = 0.1,
                   labeled_count: int | None = None, validation_ratio: float | None = 0.15,
                   validation_count: int | None = None, seed: int = 0) -> Path:
@@ -76,73 +109,9 @@ def glas_datalist(root: str | os.PathLike, out: str | os.PathLike, labeled_ratio
         validation_count: number of validation images instead of a ratio.
         seed: split seed. Defaults to 0.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"GlaS folder '{root}' does not exist (--root); point it at the folder with train_N.bmp files.")
-    items, problems = scan_glas(root)
-    if problems:
-        report_problems(f"GlaS folder '{root}'", problems)
-    train = sorted((n for n, i in items.items() if i["subset"] == "train"), key=natural_key)
-    if not train:
-        raise ConfigError(f"GlaS folder '{root}' holds no train_N images with train_N_anno annotations.")
-    grades = read_glas_grades(root)
-    split = seeded_splits(train, [grades.get(n, "unknown") for n in train], seed,
-                          validation=(validation_ratio, validation_count), labeled=(labeled_ratio, labeled_count))
-    validation, labeled, pool = split["validation"], split["labeled"], split["pool"]
-
-    def entry(name: str, with_label: bool = True) -> dict:
-        item = {"image": items[name]["image"], "grade": grades.get(name, "unknown"), "subset": items[name]["subset"]}
-        if with_label:
-            item["label"] = items[name]["label"]
-        return item
-
-    tests = sorted((n for n, i in items.items() if i["subset"] != "train"), key=natural_key)
-    sections = {
-        "training": [entry(n) for n in labeled],
-        "unlabeled": [entry(n, with_label=False) for n in pool if n not in set(labeled)],
-        "validation": [entry(n) for n in validation],
-        "test": [entry(n) for n in tests],
-    }
-    path = write_datalist(sections, out, extra={"source": {"dataset": "glas", "root": str(root.resolve()), "seed": seed}})
-    logger.info("GlaS datalist %s: %s", path, {k: len(v) for k, v in sections.items()})
-    return path
-
-
-def _study_files(root: Path) -> list[dict]:
-    """GlaS images with their annotations and grades, by the adapter's own file rules."""
-    if not root.is_dir():
-        raise ConfigError(f"GlaS folder '{root}' does not exist (--root / --test_root).")
-    items, problems = scan_glas(root)
-    if problems:
-        report_problems(f"GlaS folder '{root}'", problems)
-    grades = read_glas_grades(root)
-    return [{"image": str(Path(i["image"]).resolve()), "label": str(Path(i["label"]).resolve()), "subset": i["subset"],
-             "grade": grades.get(name, "unknown"), "group": grades.get(name, "unknown")}
-            for name, i in sorted(items.items(), key=lambda kv: natural_key(kv[0]))]
-
-
-def study_scan(root: Path, test_root: Path | None, scratch: Path) -> StudyData:
-    """The study's GlaS pool: the train_N images grouped by grade; test = testA_ / testB_ of ``test_root`` (all
-    its annotated images when it has none)."""
-    files = _study_files(root)
-    pool = [f for f in files if f["subset"] == "train"]
-    if not pool:
-        raise ConfigError(f"GlaS folder '{root}' holds no train_N images with train_N_anno annotations (--root).")
-    test = None
-    if test_root is not None:
-        candidates = _study_files(test_root)
-        test = [f for f in candidates if f["subset"] != "train"] or candidates
-    elif len(files) > len(pool):
-        logger.info("[study] %s also holds %d testA_ / testB_ images; they are not used. Pass --test_root %s to "
-                    "test on them instead of held-out training images.", root, len(files) - len(pool), root)
-    return StudyData(pool, test=test)
-
-
-def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
-    """Lays out the study's GlaS images (and Grade.csv) as links in the official flat layout."""
-    for entry in pool:
-        stem = Path(entry["image"]).stem
-        link_into_view(entry["image"], view / Path(entry["image"]).name)
-        link_into_view(entry["label"], view / f"{stem}_anno{Path(entry['label']).suffix}")
-    if (root / "Grade.csv").is_file():
-        link_into_view(str(root / "Grade.csv"), view / "Grade.csv")
+    listing = glas_listing(root)
+    if not listing.annotated:
+        raise ConfigError(f"GlaS folder '{Path(root).expanduser()}' holds no train_N images with train_N_anno "
+                          "annotations.")
+    return write_split(glas_split(listing, out, labeled_ratio, labeled_count, validation_ratio, validation_count, seed),
+                       out)

@@ -5,7 +5,6 @@ into PNGs under an output folder; JPEG masks are thresholded at > 127 and writte
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -14,13 +13,12 @@ from PIL import Image
 
 from scripts.errors import ConfigError
 
-from .common import StudyData, link_into_view, natural_key, report_problems, seeded_splits, write_datalist
+from .common import Listing, Split, natural_key, report_problems, split_listing, write_split
 
-__all__ = ["kpi_datalist", "kpi_base", "scan_kpi_split", "study_scan", "study_layout"]
+__all__ = ["kpi_datalist", "kpi_base", "scan_kpi_split", "kpi_listing", "kpi_split"]
 
-logger = logging.getLogger(__name__)
-
-SPLITS = {"train": "training", "validation": "validation", "test": "test"}
+# The KPI split folder each datalist section's patches come from and are converted into.
+FOLDERS = {"training": "train", "unlabeled": "train", "validation": "validation", "test": "test"}
 
 
 def _pieces(image: Image.Image, mask: Image.Image | None, rule: str, factor: int, tile_size: int):
@@ -63,6 +61,53 @@ def scan_kpi_split(base: Path, split: str) -> list[tuple[Path, Path, str, str]]:
     return found
 
 
+def kpi_listing(root: str | os.PathLike) -> Listing:
+    """KPI's patches: the train split annotated and grouped by disease model, the validation and test splits as
+    they are published; every entry tagged with its ``model``."""
+    root = Path(root).expanduser()
+    base = kpi_base(root)
+    patches = {split: [{"image": str(image), "label": str(mask), "model": model, "group": model}
+                       for image, mask, model, _ in scan_kpi_split(base, split)]
+               for split in ("train", "validation", "test")}
+    return Listing([(f"train/{e['model']}/{Path(e['image']).stem}", e) for e in patches["train"]],
+                   fixed={"validation": patches["validation"], "test": patches["test"]},
+                   source={"dataset": "kpi", "root": str(root.resolve())})
+
+
+def kpi_split(listing: Listing, out: str | os.PathLike, rule: str = "downsample", factor: int = 4, tile_size: int = 512,
+              labeled_ratio: float | None = 0.1, labeled_count: int | None = None, seed: int = 0,
+              mask_threshold: int = 127) -> Split:
+    """KPI's split of a listing (the arguments of :func:`kpi_datalist`): the labeled share of the annotated
+    patches, stratified by disease model; every patch is converted by ``rule`` into ``<out's folder>/kpi_<rule>/``."""
+    if rule not in ("downsample", "tile"):
+        raise ConfigError(f"rule='{rule}' is not 'downsample' or 'tile'.")
+    if (rule == "downsample" and factor < 1) or (rule == "tile" and tile_size < 16):
+        raise ConfigError(f"factor={factor} / tile_size={tile_size} are out of range.")
+    converted = Path(out).expanduser().resolve().parent / f"kpi_{rule}"
+    sections: dict[str, list[dict]] = {}
+    for section, entries in split_listing(listing, seed, labeled=(labeled_ratio, labeled_count)).items():
+        sections[section] = []
+        for entry in entries:
+            image_path, folder = Path(entry["image"]), converted / FOLDERS[section]
+            image = Image.open(image_path).convert("RGB")
+            mask = None
+            if "label" in entry:
+                mask = Image.fromarray(((np.asarray(Image.open(entry["label"]).convert("L")) > mask_threshold) * 255)
+                                       .astype(np.uint8))
+            for suffix, img, msk in _pieces(image, mask, rule, factor, tile_size):
+                name = f"{entry['model']}_{image_path.stem}{suffix}.png"
+                (folder / "images").mkdir(parents=True, exist_ok=True)
+                img.save(folder / "images" / name)
+                piece = {"image": str(folder / "images" / name), "model": entry["model"]}
+                if msk is not None:
+                    (folder / "masks").mkdir(parents=True, exist_ok=True)
+                    msk.save(folder / "masks" / name)
+                    piece["label"] = str(folder / "masks" / name)
+                sections[section].append(piece)
+    source = {**listing.source, "rule": rule, "factor": factor, "tile_size": tile_size, "seed": seed}
+    return Split(sections, source)
+
+
 def kpi_datalist(root: str | os.PathLike, out: str | os.PathLike, rule: str = "downsample", factor: int = 4,
                  tile_size: int = 512, labeled_ratio: float | None = 0.1, labeled_count: int | None = None,
                  seed: int = 0, mask_threshold: int = 127) -> Path:
@@ -79,80 +124,8 @@ def kpi_datalist(root: str | os.PathLike, out: str | os.PathLike, rule: str = "d
         seed: split seed. Defaults to 0.
         mask_threshold: mask pixels above it are glomerulus. Defaults to 127.
     """
-    base = kpi_base(root)
-    if rule not in ("downsample", "tile"):
-        raise ConfigError(f"rule='{rule}' is not 'downsample' or 'tile'.")
-    if (rule == "downsample" and factor < 1) or (rule == "tile" and tile_size < 16):
-        raise ConfigError(f"factor={factor} / tile_size={tile_size} are out of range.")
-    out = Path(out).expanduser().resolve()
-    converted = out.parent / f"kpi_{rule}"
-    found: dict[str, list[tuple[str, str, Path, Path]]] = {}
-    for split in SPLITS:
-        for image, mask, model, _ in scan_kpi_split(base, split):
-            found.setdefault(split, []).append((f"{split}/{model}/{image.stem}", model, image, mask))
-    if not found.get("train"):
-        raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches.")
-    train = found["train"]
-    names = [t[0] for t in train]
-    labeled = set(seeded_splits(names, [t[1] for t in train], seed, labeled=(labeled_ratio, labeled_count))["labeled"])
-
-    sections: dict[str, list[dict]] = {"training": [], "unlabeled": [], "validation": [], "test": []}
-    for split, items in found.items():
-        for name, model, image_path, mask_path in items:
-            section = SPLITS[split] if split != "train" else ("training" if name in labeled else "unlabeled")
-            image = Image.open(image_path).convert("RGB")
-            mask = Image.fromarray(((np.asarray(Image.open(mask_path).convert("L")) > mask_threshold) * 255).astype(np.uint8))
-            for suffix, img, msk in _pieces(image, mask, rule, factor, tile_size):
-                stem = f"{model}_{image_path.stem}{suffix}"
-                target = converted / split / "images" / f"{stem}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                img.save(target)
-                entry = {"image": str(target), "model": model}
-                if section != "unlabeled":
-                    mask_target = converted / split / "masks" / f"{stem}.png"
-                    mask_target.parent.mkdir(parents=True, exist_ok=True)
-                    msk.save(mask_target)
-                    entry["label"] = str(mask_target)
-                sections[section].append(entry)
-    path = write_datalist(sections, out, extra={"source": {"dataset": "kpi", "root": str(root.resolve()), "rule": rule,
-                                                           "factor": factor, "tile_size": tile_size, "seed": seed}})
-    logger.info("KPI datalist %s: %s", path, {k: len(v) for k, v in sections.items()})
-    return path
-
-
-def _study_patches(base: Path, split: str) -> list[dict]:
-    """Patches of one KPI split, as study entries grouped by disease model."""
-    return [{"image": str(image.resolve()), "label": str(mask.resolve()), "model": model, "group": model, "case": case}
-            for image, mask, model, case in scan_kpi_split(base, split)]
-
-
-def study_scan(root: Path, test_root: Path | None, scratch: Path) -> StudyData:
-    """The study's KPI pool: train-split patches grouped by disease model; test = ``test_root``'s test split."""
-    base = kpi_base(root)
-    pool = _study_patches(base, "train")
-    if not pool:
-        raise ConfigError(f"KPI folder '{base}' has no train/<model>/<case>/img/*_img.jpg patches (--root).")
-    test = None
-    if test_root is None and (base / "test").is_dir():
-        logger.info("[study] %s has an official test split; it is not used. Pass --test_root %s to test on it "
-                    "instead of held-out training patches.", base, root)
-    if test_root is not None:
-        test = _study_patches(kpi_base(test_root), "test")
-        if not test:
-            raise ConfigError(f"KPI folder '{test_root}' has no test/<model>/<case>/img/*_img.jpg patches "
-                              "(--test_root); point it at a KPI folder with its official test split.")
-    return StudyData(pool, test=test, extra={"validation_dir": base / "validation"})
-
-
-def study_layout(view: Path, pool, unlabeled, test, source: StudyData, root: Path) -> None:
-    """Lays out the study's patches as links in KPI's split / model / case folders; the test patches go in too,
-    since the adapter converts them (``Adapter.test_through_adapter``)."""
-    base = view / "Task1_patch_level"
-    for split, entries in (("train", pool), ("test", test)):
-        for entry in entries:
-            folder = base / split / entry["model"] / entry["case"]
-            link_into_view(entry["image"], folder / "img" / Path(entry["image"]).name)
-            link_into_view(entry["label"], folder / "mask" / Path(entry["label"]).name)
-    validation = source.extra["validation_dir"]
-    if Path(validation).is_dir():
-        link_into_view(str(validation), base / "validation")
+    listing = kpi_listing(root)
+    if not listing.annotated:
+        raise ConfigError(f"KPI folder '{kpi_base(root)}' has no train/<model>/<case>/img/*_img.jpg patches.")
+    return write_split(kpi_split(listing, out, rule, factor, tile_size, labeled_ratio, labeled_count, seed,
+                                 mask_threshold), out)
