@@ -185,8 +185,8 @@ def int8_accuracy(float_path: str | os.PathLike, int8_path: str | os.PathLike, i
                   config_file: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
                   label_threshold: float = 0) -> dict:
     """Dice of the float32 and int8 models against the labels of ``items``, the Dice lost and the share of pixels
-    where their masks agree, each model run on the CPU through ``inference.json``'s pipeline (``InferencePipeline``:
-    window, image scale, post-processing)."""
+    where their masks agree, each model run through ``inference.json``'s pipeline (``InferencePipeline``: window,
+    image scale, post-processing; the int8 model on ONNX Runtime's CPU provider)."""
     from scripts.inference import InferencePipeline
 
     pipelines = [InferencePipeline(path, config_file, backend="onnx", device="cpu", overrides=dict(overrides or {}))
