@@ -1,11 +1,10 @@
 """Python code of the MPAMatch pathology segmentation bundle, imported by the configs as ``scripts``."""
 
-from pathlib import Path
-
 from .errors import ConfigError
+from .paths import REPO
 
 # The folder that holds scripts/ and models/: the repository root, or dist/<bundle_name>/ in a packed bundle.
-BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
+BUNDLE_ROOT = str(REPO)
 
 from . import bundle_args, data, deploy, engines, handlers, inference, losses, metrics, networks, prototypes, wsi  # noqa: E402
 

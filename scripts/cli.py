@@ -31,10 +31,11 @@ from scripts.data import ensure_demo_dataset
 from scripts.deploy import EXTERNAL_DATA_THRESHOLD
 from scripts.errors import ConfigError
 from scripts.networks import build_text_tower, encode_text_features
+from scripts.paths import config_path
 
 __all__ = ["demo_data", "check_weights", "text_prototypes", "export_onnx", "study", "commands"]
 
-REPO_CONFIG = Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json"
+REPO_CONFIG = config_path("inference.json")
 
 
 def demo_data(root: str, seed: int = 0, n_labeled: int = 8, n_unlabeled: int = 72, n_validation: int = 8,

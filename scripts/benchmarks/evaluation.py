@@ -22,9 +22,11 @@ import time
 
 import fire
 
+from scripts.paths import CONFIG_DIR
+
 __all__ = ["main", "make_case"]
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "bundle", "configs")
+CONFIGS = str(CONFIG_DIR)
 
 
 def make_case(seed: int, fragments: int, height: int = 522, width: int = 775):

@@ -24,13 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import fire
 
+from scripts.paths import REPO, config_path
+
 __all__ = ["main", "measure"]
 
-TRAIN = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "train.json"
+TRAIN = config_path("train.json")
 DEFAULT_SETTINGS = ("plain", "freeze_blocks=6", "grad_checkpointing", "freeze_blocks=6,grad_checkpointing")
 
 
@@ -135,7 +136,7 @@ def main(encoder_name: str = "vit_small", roi: int = 224, batch: int = 4, iterat
         code = ("import json, sys; from scripts.benchmarks.memory import measure; "
                 f"print('RESULT ' + json.dumps(measure({setting!r}, {encoder_name!r}, {roi}, {batch}, {iterations}, "
                 f"{warmup})))")
-        done = subprocess.run([sys.executable, "-c", code], cwd=TRAIN.parents[2], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             raise SystemExit(f"setting '{setting}' failed (exit code {done.returncode}):\n{done.stderr[-3000:]}")

@@ -25,9 +25,10 @@ import collections
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import fire
+
+from scripts.paths import config_path
 
 __all__ = ["main", "BF16_PEAK_TFLOPS", "bf16_peak_tflops"]
 
@@ -45,7 +46,7 @@ def bf16_peak_tflops(device_name: str) -> float | None:
             return peak
     return None
 
-TRAIN = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "train.json"
+TRAIN = config_path("train.json")
 
 
 def _trainer(settings: dict, config_files: list[str]):

@@ -23,9 +23,11 @@ import time
 
 import fire
 
+from scripts.paths import CONFIG_DIR
+
 __all__ = ["main"]
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "bundle", "configs")
+CONFIGS = str(CONFIG_DIR)
 
 
 def _measure(slide: str, out_dir: str, encoder_name: str, backend: str, tile_size: int) -> dict:

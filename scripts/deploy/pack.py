@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from scripts.errors import ConfigError
+from scripts.paths import REPO
 
 __all__ = ["BUNDLE_NAME", "META_SCHEMA", "pack_bundle"]
 
@@ -14,7 +15,6 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_NAME = "mpamatch_gland_segmentation"
 META_SCHEMA = Path(__file__).resolve().parent / "meta_schema.json"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def pack_bundle(out_dir: str = "dist", name: str = BUNDLE_NAME, model: str | None = None) -> Path:

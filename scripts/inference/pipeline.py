@@ -22,12 +22,13 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from scripts.errors import ConfigError
+from scripts.paths import config_path
 
 __all__ = ["InferencePipeline", "InputError", "INFERENCE_CONFIG", "image_reader"]
 
 logger = logging.getLogger(__name__)
 
-INFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "inference.json"
+INFERENCE_CONFIG = config_path("inference.json")
 _POST_KEYS = ("min_object_size", "fill_holes", "split_touching")
 
 

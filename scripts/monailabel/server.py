@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from scripts.paths import REPO
+
 __all__ = ["APP_DIR", "free_port", "running_server"]
 
 APP_DIR = Path(__file__).resolve().parent
-REPO = APP_DIR.parents[1]
 
 
 def free_port() -> int:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from scripts.errors import ConfigError
 from scripts.inference.pipeline import INFERENCE_CONFIG
+from scripts.paths import REPO, SCRIPTS_DIR
 
 __all__ = ["stage_app"]
 
 APP_DIR = Path(__file__).resolve().parent
-SCRIPTS = APP_DIR.parents[1]
-REQUIREMENTS = SCRIPTS.parent / "requirements.txt"
+REQUIREMENTS = REPO / "requirements.txt"
 
 
 def stage_app(out: str | os.PathLike = "dist/map") -> Path:
@@ -35,7 +35,7 @@ def stage_app(out: str | os.PathLike = "dist/map") -> Path:
         shutil.rmtree(target)
     if not REQUIREMENTS.is_file():
         raise ConfigError(f"'{REQUIREMENTS}' is missing; stage the application from a checkout of the repository.")
-    shutil.copytree(SCRIPTS, target / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(SCRIPTS_DIR, target / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     configs = target / "bundle" / "configs"
     configs.mkdir(parents=True)
     shutil.copy2(INFERENCE_CONFIG, configs / "inference.json")
