@@ -79,6 +79,8 @@ def main(images: int = 8, fragments: int = 300, recipe: str | None = None, encod
     parser.read_config([os.path.join(CONFIGS, "inference.json")] + ([recipe] if recipe else []))
     if encoder_name:
         parser["encoder_name"] = encoder_name
+    # the network asked for, with random weights: never the record of a trained models/model.pt
+    parser["model_settings"] = "$@model_record"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = parser.get_parsed_content("network_def").eval().to(device)
     inferer = parser.get_parsed_content("inferer")

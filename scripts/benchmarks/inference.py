@@ -26,6 +26,8 @@ import time
 
 import fire
 
+from scripts.paths import config_path
+
 __all__ = ["main"]
 
 
@@ -34,10 +36,12 @@ def _network_config(encoder_name: str, recipe: str = ""):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    config = os.path.join(os.path.dirname(__file__), "..", "..", "bundle", "configs", "inference.json")
+    config = str(config_path("inference.json"))
     parser.read_config([config, recipe] if recipe else config)
     if not recipe:
         parser["encoder_name"] = encoder_name
+    # the network asked for, with random weights: never the record of a trained models/model.pt
+    parser["model_settings"] = "$@model_record"
     return parser
 
 
