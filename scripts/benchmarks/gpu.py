@@ -35,10 +35,9 @@ from pathlib import Path
 import fire
 
 from scripts.config import as_bool
+from scripts.paths import REPO
 
 __all__ = ["main"]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _environment() -> dict:
