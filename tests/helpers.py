@@ -185,3 +185,69 @@ def conch_state(cfg=CONCH_TINY, seed=0, constant=False):
     state.update({"visual.trunk.pos_embed": rand(1, 5, 8), "visual.attn_pool_contrast.query": rand(1, 8),
                   "text_decoder.resblocks.0.attn.in_proj_weight": rand(3 * w, w), "logit_scale": rand(())})
     return state
+
+
+def reference_text_blocks(params, x, mask, heads):
+    """A text tower's residual attention blocks, from CLIP's definition: pre-norm multi-head self-attention with an
+    additive mask (n x n, or per text B x n x n), then a pre-norm GELU MLP; ``params`` holds ``resblocks.<i>.*``
+    tensors under ``transformer.``."""
+    b, n, w = x.shape
+    layers = len({k.split(".")[2] for k in params if k.startswith("transformer.resblocks.")})
+    mask = mask if mask.ndim == 3 else mask.expand(b, n, n)
+    for i in range(layers):
+        block = f"transformer.resblocks.{i}."
+        q = {k[len(block):]: v for k, v in params.items() if k.startswith(block)}
+        h = torch.nn.functional.layer_norm(x, (w,), q["ln_1.weight"], q["ln_1.bias"])
+        heads_of = [t.reshape(b, n, heads, w // heads).transpose(1, 2) for t in
+                    torch.nn.functional.linear(h, q["attn.in_proj_weight"], q["attn.in_proj_bias"]).chunk(3, dim=-1)]
+        scores = heads_of[0] @ heads_of[1].transpose(-1, -2) / (w // heads) ** 0.5 + mask[:, None]
+        attended = (scores.softmax(-1) @ heads_of[2]).transpose(1, 2).reshape(b, n, w)
+        x = x + torch.nn.functional.linear(attended, q["attn.out_proj.weight"], q["attn.out_proj.bias"])
+        h = torch.nn.functional.layer_norm(x, (w,), q["ln_2.weight"], q["ln_2.bias"])
+        hidden = torch.nn.functional.gelu(torch.nn.functional.linear(h, q["mlp.c_fc.weight"], q["mlp.c_fc.bias"]))
+        x = x + torch.nn.functional.linear(hidden, q["mlp.c_proj.weight"], q["mlp.c_proj.bias"])
+    return x
+
+
+def clip_encode_text(params, ids, heads, ctx=None):
+    """CLIP's encode_text (unnormalised) over the whole context, from its definition: token plus positional
+    embeddings, causal attention over every position, the end token (the largest id) layer-normed and projected.
+    ``params`` are an open_clip CLIP model's text tensors (``token_embedding.weight`` or, under the CoOp prompt,
+    ``token_embedding.embedding.weight``); ``ctx`` overwrites the token embeddings at positions 1..M."""
+    embedding = params.get("token_embedding.weight", params.get("token_embedding.embedding.weight"))
+    x = embedding[ids]
+    if ctx is not None:
+        x = torch.cat([x[:, :1], ctx.expand(len(x), -1, -1), x[:, 1 + len(ctx):]], dim=1)
+    b, n, w = x.shape
+    x = reference_text_blocks(params, x + params["positional_embedding"][:n],
+                              torch.full((n, n), float("-inf")).triu(1), heads)
+    x = torch.nn.functional.layer_norm(x, (w,), params["ln_final.weight"], params["ln_final.bias"])
+    return x[torch.arange(b), ids.argmax(dim=-1)] @ params["text_projection"]
+
+
+def reference_text_infonce(z, target, raw_text, prompts):
+    """L_txt from its definition: the text features ``raw_text`` (C x D') through the prompts' linear map, L2-normalised,
+    and the mean over pixels of -log softmax(z . T_c / tau_txt)[target], tau_txt 0.07 or 1 / exp(logit scale clamped
+    at log 100)."""
+    text = torch.nn.functional.normalize(raw_text @ prompts.projection.weight.t(), dim=-1)
+    scale = 1 / 0.07 if prompts.logit_scale is None else prompts.logit_scale.clamp(max=np.log(100.0)).exp()
+    return -torch.nn.functional.log_softmax(z @ text.t() * scale, dim=1)[torch.arange(len(z)), target].mean()
+
+
+def assert_loss_and_gradients_match(loss, expected, params):
+    """Asserts that two losses agree to float tolerance, and so do their gradients with respect to each tensor of
+    ``params``, every one of which takes part (a gradient above 1e-4 somewhere)."""
+    grads, expected_grads = torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)
+    assert float(loss.detach()) > 0.1
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for grad, reference in zip(grads, expected_grads):
+        size = float(reference.abs().max())
+        assert size > 1e-4
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5 * size)
+
+
+def clip_prompt_features(prompts):
+    """``clip_encode_text`` over the whole context of a CLIP ``PromptTextPrototypes``, with its tensors and context."""
+    params = {k: v for k, v in prompts.model.state_dict().items() if not k.endswith("ctx")}
+    heads = prompts.model.transformer.resblocks[0].attn.num_heads
+    return clip_encode_text(params, prompts.token_ids, heads, ctx=prompts.ctx)

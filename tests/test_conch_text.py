@@ -13,7 +13,8 @@ from scripts.losses import prototype_infonce
 from scripts.networks import ConchTokenizer, build_conch_text_tower, encode_text_features
 from scripts.prototypes import PromptTextPrototypes, build_text_prototypes
 from tests.helpers import CONCH_BOS as BOS, CONCH_CORPUS as CORPUS, CONCH_EOS as EOS, CONCH_PAD as PAD
-from tests.helpers import CONCH_TINY as TINY, conch_state, write_conch_tokenizer as write_tokenizer
+from tests.helpers import CONCH_TINY as TINY, assert_loss_and_gradients_match, conch_state, reference_text_blocks
+from tests.helpers import reference_text_infonce, write_conch_tokenizer as write_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +52,10 @@ def conch_encode_text(state, ids, heads=TINY["heads"], ctx=None):
         x = torch.cat([x[:, :1], ctx.expand(len(x), -1, -1), x[:, 1 + len(ctx):]], dim=1)
     x = torch.cat([x, p["cls_emb"].expand(len(x), 1, -1)], dim=1)
     b, n, w = x.shape
-    x = x + p["positional_embedding"][:n]
     mask = torch.full((n, n), float("-inf")).triu(1).repeat(b, 1, 1)
     cls_keys = torch.cat([torch.ones(b, 1, dtype=torch.bool), text != PAD], dim=1)
     mask[:, -1] = mask[:, -1].masked_fill(~cls_keys, float("-inf"))
-    layers = len({k.split(".")[2] for k in p if k.startswith("transformer.resblocks.")})
-    for i in range(layers):
-        block = f"transformer.resblocks.{i}."
-        q = {k[len(block):]: v for k, v in p.items() if k.startswith(block)}
-        h = F.layer_norm(x, (w,), q["ln_1.weight"], q["ln_1.bias"])
-        heads_of = [t.reshape(b, n, heads, w // heads).transpose(1, 2)
-                    for t in F.linear(h, q["attn.in_proj_weight"], q["attn.in_proj_bias"]).chunk(3, dim=-1)]
-        scores = heads_of[0] @ heads_of[1].transpose(-1, -2) / (w // heads) ** 0.5 + mask[:, None]
-        attended = (scores.softmax(-1) @ heads_of[2]).transpose(1, 2).reshape(b, n, w)
-        x = x + F.linear(attended, q["attn.out_proj.weight"], q["attn.out_proj.bias"])
-        h = F.layer_norm(x, (w,), q["ln_2.weight"], q["ln_2.bias"])
-        x = x + F.linear(F.gelu(F.linear(h, q["mlp.c_fc.weight"], q["mlp.c_fc.bias"])),
-                         q["mlp.c_proj.weight"], q["mlp.c_proj.bias"])
+    x = reference_text_blocks(p, x + p["positional_embedding"][:n], mask, heads)
     return F.layer_norm(x[:, -1], (w,), p["ln_final.weight"], p["ln_final.bias"]) @ p["text_projection"]
 
 
@@ -125,6 +113,32 @@ def test_prompt_context_through_conch_matches_reference(checkpoint, tokenizer_fi
     frozen = [p for name, p in prompts.named_parameters() if name.startswith("model.") and not name.endswith("ctx")]
     assert len(frozen) == len(state) - 4  # every text.* tensor of the checkpoint
     assert all(not p.requires_grad and p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize("learnable_scale", [False, True])
+def test_conch_prompts_run_through_the_positions_the_class_embedding_sees_with_the_same_loss_and_gradients(
+        checkpoint, tokenizer_file, learnable_scale):
+    path, state = checkpoint
+    torch.manual_seed(0)
+    descriptions = ["background stroma", "a histopathology image of colon gland."]
+    prompts = PromptTextPrototypes(descriptions, embed_dim=8, arch="conch", weights=path, n_ctx=3, text_cfg=TINY,
+                                   tokenizer_file=tokenizer_file, learnable_scale=learnable_scale)
+    with torch.no_grad():
+        prompts.ctx.normal_(std=0.1)  # as large as the checkpoint's token embeddings
+    lengths = (prompts.token_ids != PAD).sum(1)
+    assert lengths[0] < lengths[1] < TINY["context_length"] - 2
+    # CONCH's class embedding (last slot) sees the text and the first pad, which see what precedes them; the rest of
+    # the padding is never run
+    slot = TINY["context_length"] - 1
+    torch.testing.assert_close(prompts.encoded_positions, torch.tensor([*range(int(lengths[1]) + 1), slot]))
+    z = F.normalize(torch.randn(10, 8), dim=1).requires_grad_()
+    target = torch.tensor([0, 1] * 5)
+    trainable = [z] + [p for p in prompts.parameters() if p.requires_grad]
+    assert len(trainable) == 3 + learnable_scale  # z, ctx, the linear map (and the logit scale)
+    # the definitions: CONCH over its whole context, then L_txt
+    ids = conch_tokenize(tokenizer_file, [f"X X X {d.rstrip('.')}." for d in descriptions])
+    expected = reference_text_infonce(z, target, conch_encode_text(state, ids, ctx=prompts.ctx), prompts)
+    assert_loss_and_gradients_match(prototype_infonce(z, target, prompts(), prompts.temperature()), expected, trainable)
 
 
 def test_ctx_init_from_words_with_conch(checkpoint, tokenizer_file):

@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scripts.errors import ConfigError
 from scripts.networks import build_text_tower
 from scripts.prototypes import FixedTextPrototypes, PromptTextPrototypes, build_text_prototypes
 from scripts.losses import prototype_infonce
+from tests.helpers import assert_loss_and_gradients_match, clip_prompt_features, reference_text_infonce
 
 TINY_TEXT = {"layers": 1}
 
@@ -138,3 +140,38 @@ def test_cli_writes_a_prototype_file_that_training_reads(tmp_path):
     assert fixed().shape == (2, 512) and isinstance(fixed.projection, torch.nn.Identity)
     saved = torch.load(path, weights_only=True)
     assert saved["prompts"] == ["a histopathology image of background stroma.", "a histopathology image of colon gland."]
+
+
+def _reference_loss(prompts, z, target):
+    """L_txt from the definitions, CLIP's tower over the whole 77-position context."""
+    return reference_text_infonce(z, target, clip_prompt_features(prompts), prompts)
+
+
+@pytest.mark.parametrize("learnable_scale", [False, True])
+def test_prompts_run_through_the_positions_their_end_tokens_see_with_the_same_loss_and_gradients(learnable_scale):
+    torch.manual_seed(0)
+    prompts = PromptTextPrototypes(["background stroma", "a colon gland with its lumen and goblet cells"], embed_dim=16,
+                                   arch="ViT-B-16", n_ctx=4, text_cfg={"layers": 2}, learnable_scale=learnable_scale)
+    with torch.no_grad():
+        prompts.ctx.normal_()  # context vectors as large as token embeddings, not the small initial ones
+    ends = prompts.token_ids.argmax(dim=1)  # CLIP's end token has the largest id
+    assert ends[0] < ends[1] < 20
+    # the causal tower's end tokens see no position after the longer prompt's end: those are never run
+    torch.testing.assert_close(prompts.encoded_positions, torch.arange(int(ends[1]) + 1))
+    z = F.normalize(torch.randn(12, 16), dim=1).requires_grad_()
+    target = torch.tensor([0, 1] * 6)
+    trainable = [z] + [p for p in prompts.parameters() if p.requires_grad]
+    assert len(trainable) == 3 + learnable_scale  # z, ctx, the linear map (and the logit scale)
+    assert_loss_and_gradients_match(prototype_infonce(z, target, prompts(), prompts.temperature()),
+                                    _reference_loss(prompts, z, target), trainable)
+
+
+def test_prompts_that_fill_the_context_run_through_every_position():
+    torch.manual_seed(0)
+    prompts = PromptTextPrototypes(["stroma", "gland " * 90], embed_dim=16, arch="ViT-B-16", text_cfg=TINY_TEXT)
+    assert prompts.token_ids[1, -1] == prompts.token_ids.max()  # cut at 77 ids, the end token kept last
+    assert prompts.encoded_positions is None and prompts.pooled_index is None
+    z = F.normalize(torch.randn(4, 16), dim=1)
+    target = torch.tensor([0, 1, 1, 0])
+    torch.testing.assert_close(prototype_infonce(z, target, prompts(), prompts.temperature()),
+                               _reference_loss(prompts, z, target), rtol=1e-5, atol=1e-6)

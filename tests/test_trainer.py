@@ -305,6 +305,45 @@ def test_float16_overflow_steps_the_scaler_and_is_not_divergence(demo_data, tmp_
     assert trainer.scaler.get_scale() < 2.0 ** 16  # lowered from its initial scale
 
 
+def _mpamatch_step(demo_data, tmp_path, batches=None, text_reference=None):
+    """One MPAMatch step at full contrast weight, from seeded weights, a fed prototype bank and the same batches:
+    the step's losses, every trained parameter's gradient (before the update) and the batches drawn."""
+    torch.manual_seed(0)
+    parser = parser_for(demo_data, tmp_path, method="mpamatch")
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.prototype_bank.update(torch.nn.functional.normalize(torch.randn(2, TINY["embed_dim"]), dim=1),
+                                  torch.ones(2, dtype=torch.bool))
+    trainer.state.epoch = 1
+    if batches is None:
+        trainer._start_epoch(trainer)
+        batches = {name: trainer._next(name) for name in ("labeled", "unlabeled", "mix")}
+    trainer._next = lambda name: {k: v.clone() for k, v in batches[name].items()}
+    if text_reference is not None:
+        trainer.text_prototypes.raw_prototypes = lambda: text_reference(trainer.text_prototypes)
+    trainer.state.iteration = trainer.state.max_epochs * trainer.state.epoch_length  # past the contrast warm-up
+    torch.manual_seed(1)  # the same dropout and pixel samples
+    losses = trainer._iteration(trainer, None)[0]
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    return losses, [p.grad for p in params], batches
+
+
+def test_an_mpamatch_step_has_the_losses_and_gradients_of_the_text_tower_over_the_whole_context(demo_data, tmp_path):
+    """The text tower runs over the prompt positions its end tokens see only: a whole training step keeps the losses
+    and the gradient of every trained parameter that CLIP's tower over all 77 positions gives."""
+    from tests.helpers import clip_prompt_features  # CLIP's tower from its definition, every position of the context
+
+    losses, grads, batches = _mpamatch_step(demo_data, tmp_path)
+    expected, expected_grads, _ = _mpamatch_step(demo_data, tmp_path, batches, text_reference=clip_prompt_features)
+    assert set(losses) == set(expected) and losses["loss_txt"] > 0.1 and losses["loss_img"] > 0.1
+    for key, value in expected.items():
+        assert losses[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert len(grads) == len(expected_grads) > 50
+    for grad, reference in zip(grads, expected_grads):
+        assert (grad is None) == (reference is None)
+        if reference is not None:
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()) + 1e-9)
+
+
 def test_the_trainer_feeds_the_prototype_bank_without_any_handler(demo_data, tmp_path):
     """A config with no handlers at all still trains the image-prototype term (the bank is the trainer's duty)."""
     parser = parser_for(demo_data, tmp_path, method="mpamatch_img", num_epochs=1, contrast_warmup=0.0)

@@ -6,7 +6,8 @@ Three sources, chosen by the config key ``text_source``:
   ``scripts/networks/conch.py``) or an open_clip architecture by name whose checkpoint is in open_clip's own layout
   (``scripts/networks/text_towers.py``; PLIP and QuiltNet are published as Hugging Face CLIP models, which the
   strict load refuses, docs/method.md); M learnable context vectors are prepended to each class description
-  ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every step, so the context learns;
+  ("[V1]...[VM] colon gland.") and the prototypes are recomputed at every step, so the context learns; the tower
+  runs over the prompt positions its pooled feature depends on only (``pooled_positions``), not its whole context;
 - ``file``: fixed prototypes read from a ``.pt`` file (``python -m scripts.cli text-prototypes`` writes one);
 - ``random``: learnable random vectors. They carry no language prior, and the run says so loudly.
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from scripts.config import as_bool
 from scripts.errors import ConfigError
-from scripts.networks.text_towers import build_text_tower, encode_text_features
+from scripts.networks.text_towers import build_text_tower, encode_text_features, pooled_positions
 from scripts.networks.weights import state_misfit
 
 __all__ = ["TextPrototypes", "PromptTextPrototypes", "FixedTextPrototypes", "RandomTextPrototypes",
@@ -149,6 +150,10 @@ class PromptTextPrototypes(TextPrototypes):
         token_ids = tokenizer(prompts)
         self.register_buffer("token_ids", token_ids, persistent=False)
         tower.token_embedding = _ContextEmbedding(tower.token_embedding, ctx)
+        # The tower runs over the positions the prototypes depend on only: the same prototypes, most of the cost gone.
+        positions = pooled_positions(model, custom, token_ids)
+        self.register_buffer("encoded_positions", None if positions is None else positions[0], persistent=False)
+        self.register_buffer("pooled_index", None if positions is None else positions[1], persistent=False)
         self.model = model
         self.custom_text = custom
         self.has_language_prior = weights is not None
@@ -162,7 +167,8 @@ class PromptTextPrototypes(TextPrototypes):
         return tower.token_embedding.ctx
 
     def raw_prototypes(self) -> torch.Tensor:
-        return encode_text_features(self.model, self.custom_text, self.token_ids).float()
+        positions = None if self.encoded_positions is None else (self.encoded_positions, self.pooled_index)
+        return encode_text_features(self.model, self.custom_text, self.token_ids, positions).float()
 
     def train(self, mode: bool = True):
         super().train(mode)
