@@ -19,23 +19,17 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import fire
-import torch
-import torch.nn.functional as F
 
-from scripts.config import as_bool
 from scripts.data import ensure_demo_dataset
-from scripts.deploy import EXTERNAL_DATA_THRESHOLD
+from scripts.deploy.onnx import export_trained_model
 from scripts.errors import ConfigError
-from scripts.networks import build_text_tower, encode_text_features
-from scripts.paths import config_path
+from scripts.prototypes.text import save_text_prototypes
 
-__all__ = ["demo_data", "check_weights", "text_prototypes", "export_onnx", "study", "commands"]
+__all__ = ["demo_data", "check_weights", "study", "commands"]
 
-REPO_CONFIG = config_path("inference.json")
 
 
 def demo_data(root: str, seed: int = 0, n_labeled: int = 8, n_unlabeled: int = 72, n_validation: int = 8,
@@ -81,94 +75,6 @@ def check_weights(encoder_weights: str | None = None, encoder_name: str = "uni",
     if text_weights:
         reports.append(check_conch_weights(text_weights, text_tokenizer))
     return "\n".join(reports)
-
-
-def text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "ViT-B-16", weights: str | None = None,
-                    template: str = "a histopathology image of {}.", allow_random: bool = False,
-                    tokenizer_file: str | None = None) -> str:
-    """Encodes one prompt per class with a frozen text tower and saves the C x D prototypes.
-
-    Args:
-        out: output ``.pt`` file, then given to training as ``text_prototype_file``.
-        class_descriptions: one description per class, e.g. ``"['background stroma','colon gland']"``.
-        arch: ``conch`` or an open_clip architecture of the text tower. Defaults to ``ViT-B-16``.
-        weights: local weights file of that architecture.
-        template: prompt template; ``{}`` is replaced by each description.
-        allow_random: permit a random tower (for testing the pipeline only). Defaults to False.
-        tokenizer_file: CONCH's ``conch_byte_level_bpe_uncased.json``, for ``--arch conch`` only.
-    """
-    if isinstance(class_descriptions, str):
-        class_descriptions = [class_descriptions]
-    if not weights and not allow_random:
-        raise ConfigError(
-            "text-prototypes needs --weights (a local text encoder file); prototypes from a random tower carry no "
-            "language prior. Pass --allow_random true only to test the pipeline."
-        )
-    model, tokenizer = build_text_tower(arch, weights, tokenizer_file=tokenizer_file)
-    custom = getattr(model, "text", None) is not None
-    prompts = [template.format(d) for d in class_descriptions]
-    with torch.no_grad():
-        vectors = F.normalize(encode_text_features(model, custom, tokenizer(prompts)).float(), dim=-1)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"prototypes": vectors, "class_descriptions": list(class_descriptions), "prompts": prompts,
-                "arch": arch}, path)
-    logging.getLogger(__name__).info("Saved %d text prototypes of width %d to %s", *vectors.shape, path)
-    return str(path)
-
-
-def export_onnx(ckpt: str = "models/model.pt", out: str = "models/model.onnx", config_file: str = str(REPO_CONFIG),
-                example_size: Sequence[int] = (2, 3, 256, 256),
-                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, int8: bool = False, int8_out: str | None = None,
-                datalist: str | None = None, dataset_dir: str | None = None,
-                int8_calibration_sections: str = "training,unlabeled", int8_calibration_windows: int = 64,
-                int8_eval_section: str | None = None, int8_max_dice_loss: float = 0.005, label_threshold: float = 0,
-                **overrides) -> str:
-    """Builds the network ``ckpt`` records (or, for an older file, that of ``config_file`` with ``--key value``
-    overrides, as for training), loads ``ckpt`` strictly and exports it to ``out`` with dynamic batch, height and
-    width and the model's record (if it has one) in the file's metadata; fails if ONNX Runtime and PyTorch differ by
-    more than 1e-4. Weights over ``external_data_threshold`` bytes (default 1.5 GiB; 0: always) go to
-    ``<out>.data`` beside ``out``.
-
-    Example: ``python -m scripts.cli export-onnx --ckpt models/model.pt --out models/model.onnx``
-
-    ``--int8 true --datalist FILE`` also writes an int8 model for CPU servers (``scripts.deploy.quantize``) to
-    ``--int8_out`` (default ``<out>`` with ``.int8.onnx``), calibrated on ``--int8_calibration_windows`` windows of
-    the ``--int8_calibration_sections`` images, with the Dice of both models on ``--int8_eval_section`` (default
-    ``test``, else ``validation``; foreground above ``--label_threshold``) and their mask agreement in its record;
-    it is refused, with those figures, when it loses more than ``--int8_max_dice_loss`` Dice.
-    """
-    from monai.bundle import ConfigParser
-
-    from scripts.deploy import export_onnx as export
-    from scripts.networks import (RECORD_KEYS, load_trained_weights, network_from_record, stored_record,
-                                  trained_settings)
-
-    int8 = as_bool(int8, "int8")
-    if int8 and not datalist:
-        raise ConfigError("--int8 true calibrates on your training images: add --datalist FILE (its training and "
-                          "unlabeled sections calibrate, its test or validation section measures the Dice).")
-    parser = ConfigParser()
-    parser.read_config(config_file)
-    for key, value in overrides.items():
-        parser[key] = value
-    # the record keys the config sets (a config of its own may set some); the others are a new training's defaults
-    settings = trained_settings(ckpt, {key: parser.get_parsed_content(key) for key in RECORD_KEYS
-                                       if parser.get(key) is not None}, key="--ckpt")
-    network = network_from_record(settings)
-    load_trained_weights(network, ckpt, key="--ckpt")
-    # A file without a record (written before records existed) exports without one: its window is not known.
-    record = settings if stored_record(ckpt, "--ckpt") is not None else None
-    exported = export(network, out, tuple(example_size), record=record,
-                      external_data_threshold=int(external_data_threshold))
-    if not int8:
-        return str(exported)
-    from scripts.deploy.quantize import describe_int8, export_int8
-
-    quantized, figures = export_int8(exported, int8_out or exported.with_suffix(".int8.onnx"), datalist, dataset_dir,
-                                     int8_calibration_sections, int(int8_calibration_windows), int8_eval_section,
-                                     float(int8_max_dice_loss), config_file, overrides, float(label_threshold))
-    return f"{exported}\n{quantized}: {describe_int8(figures)}"
 
 
 def _path_of(function):
@@ -247,8 +153,8 @@ def main() -> None:
 
 def commands() -> dict:
     """The commands of ``python -m scripts.cli`` other than ``study`` (which has its own parser), by name."""
-    return {"pack": pack, "demo-data": demo_data, "check-weights": check_weights, "text-prototypes": text_prototypes,
-            "export-onnx": export_onnx, "prepare": _prepare_commands()}
+    return {"pack": pack, "demo-data": demo_data, "check-weights": check_weights, "text-prototypes": save_text_prototypes,
+            "export-onnx": export_trained_model, "prepare": _prepare_commands()}
 
 
 if __name__ == "__main__":

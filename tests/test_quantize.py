@@ -27,7 +27,7 @@ RECORD = model_record(num_classes=2, encoder_name="vit_tiny", encoder_kwargs={"d
 def exported(tmp_path_factory, demo_data):
     """tiny_network() saved as model.pt with its record and exported by the CLI's export-onnx with --int8 true,
     calibrated on the demo datalist: returns the float32 and the int8 model and the line the export prints about it."""
-    from scripts.cli import export_onnx as export_command
+    from scripts.deploy.onnx import export_trained_model as export_command
 
     folder = tmp_path_factory.mktemp("int8")
     torch.save({"model": tiny_network().state_dict(), "config": RECORD}, folder / "model.pt")
@@ -90,7 +90,7 @@ def test_a_loss_above_the_threshold_is_refused_with_its_figures(exported, demo_d
 
 
 def test_cli_refuses_int8_without_a_datalist_before_exporting(tmp_path):
-    from scripts.cli import export_onnx as export_command
+    from scripts.deploy.onnx import export_trained_model as export_command
 
     torch.save({"model": tiny_network().state_dict(), "config": RECORD}, tmp_path / "model.pt")
     with pytest.raises(ConfigError, match="add --datalist FILE"):

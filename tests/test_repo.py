@@ -103,7 +103,7 @@ def test_a_new_record_key_is_recorded_restored_and_exported(tmp_path, monkeypatc
 
     import torch
 
-    from scripts.cli import export_onnx
+    from scripts.deploy.onnx import export_trained_model as export_onnx
     from scripts.networks import RecordField, load_trained_weights, model_record, network_from_record, stored_record
     from scripts.networks import record as record_module
 

@@ -131,7 +131,7 @@ def test_cli_writes_a_prototype_file_that_training_reads(tmp_path):
     )
     assert result.returncode != 0 and "do not fit open_clip architecture 'ViT-B-32'" in result.stderr
 
-    from scripts.cli import text_prototypes
+    from scripts.prototypes.text import save_text_prototypes as text_prototypes
 
     with pytest.raises(ConfigError, match="needs --weights"):
         text_prototypes(str(tmp_path / "q.pt"), ["a", "b"])

@@ -22,8 +22,9 @@ from torch import nn
 
 from scripts.errors import ConfigError, RunError
 from scripts.files import atomic_files
+from scripts.paths import config_path
 
-__all__ = ["export_onnx", "check_onnx_parity", "OnnxSegmenter", "onnx_providers", "inference_network",
+__all__ = ["export_onnx", "export_trained_model", "check_onnx_parity", "OnnxSegmenter", "onnx_providers", "inference_network",
            "EXTERNAL_DATA_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
@@ -207,3 +208,58 @@ def inference_network(backend: str, network: nn.Module, onnx_path: str, num_clas
     if backend == "onnx":
         return OnnxSegmenter(onnx_path, num_classes)
     raise ConfigError(f"backend='{backend}' is not 'pytorch' or 'onnx' (config key 'backend').")
+
+
+def export_trained_model(ckpt: str = "models/model.pt", out: str = "models/model.onnx", config_file: str | None = None,
+                example_size: Sequence[int] = (2, 3, 256, 256),
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, int8: bool = False, int8_out: str | None = None,
+                datalist: str | None = None, dataset_dir: str | None = None,
+                int8_calibration_sections: str = "training,unlabeled", int8_calibration_windows: int = 64,
+                int8_eval_section: str | None = None, int8_max_dice_loss: float = 0.005, label_threshold: float = 0,
+                **overrides) -> str:
+    """Builds the network ``ckpt`` records (or, for an older file, that of ``config_file`` with ``--key value``
+    overrides, as for training; ``config_file`` defaults to the bundle's ``inference.json``), loads ``ckpt`` strictly and exports it to ``out`` with dynamic batch, height and
+    width and the model's record (if it has one) in the file's metadata; fails if ONNX Runtime and PyTorch differ by
+    more than 1e-4. Weights over ``external_data_threshold`` bytes (default 1.5 GiB; 0: always) go to
+    ``<out>.data`` beside ``out``.
+
+    Example: ``python -m scripts.cli export-onnx --ckpt models/model.pt --out models/model.onnx``
+
+    ``--int8 true --datalist FILE`` also writes an int8 model for CPU servers (``scripts.deploy.quantize``) to
+    ``--int8_out`` (default ``<out>`` with ``.int8.onnx``), calibrated on ``--int8_calibration_windows`` windows of
+    the ``--int8_calibration_sections`` images, with the Dice of both models on ``--int8_eval_section`` (default
+    ``test``, else ``validation``; foreground above ``--label_threshold``) and their mask agreement in its record;
+    it is refused, with those figures, when it loses more than ``--int8_max_dice_loss`` Dice.
+    """
+    from monai.bundle import ConfigParser
+
+    from scripts.config import as_bool
+    from scripts.networks import (RECORD_KEYS, load_trained_weights, network_from_record, stored_record,
+                                  trained_settings)
+
+    int8 = as_bool(int8, "int8")
+    if int8 and not datalist:
+        raise ConfigError("--int8 true calibrates on your training images: add --datalist FILE (its training and "
+                          "unlabeled sections calibrate, its test or validation section measures the Dice).")
+    config_file = config_file or str(config_path("inference.json"))
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    for key, value in overrides.items():
+        parser[key] = value
+    # the record keys the config sets (a config of its own may set some); the others are a new training's defaults
+    settings = trained_settings(ckpt, {key: parser.get_parsed_content(key) for key in RECORD_KEYS
+                                       if parser.get(key) is not None}, key="--ckpt")
+    network = network_from_record(settings)
+    load_trained_weights(network, ckpt, key="--ckpt")
+    # A file without a record (written before records existed) exports without one: its window is not known.
+    record = settings if stored_record(ckpt, "--ckpt") is not None else None
+    exported = export_onnx(network, out, tuple(example_size), record=record,
+                      external_data_threshold=int(external_data_threshold))
+    if not int8:
+        return str(exported)
+    from scripts.deploy.quantize import describe_int8, export_int8
+
+    quantized, figures = export_int8(exported, int8_out or exported.with_suffix(".int8.onnx"), datalist, dataset_dir,
+                                     int8_calibration_sections, int(int8_calibration_windows), int8_eval_section,
+                                     float(int8_max_dice_loss), config_file, overrides, float(label_threshold))
+    return f"{exported}\n{quantized}: {describe_int8(figures)}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -31,7 +32,7 @@ from scripts.errors import ConfigError
 from scripts.networks.text_towers import build_text_tower, encode_text_features, pooled_positions
 from scripts.networks.weights import state_misfit
 
-__all__ = ["TextPrototypes", "PromptTextPrototypes", "FixedTextPrototypes", "RandomTextPrototypes",
+__all__ = ["save_text_prototypes", "TextPrototypes", "PromptTextPrototypes", "FixedTextPrototypes", "RandomTextPrototypes",
            "build_text_prototypes"]
 
 logger = logging.getLogger(__name__)
@@ -248,3 +249,37 @@ def build_text_prototypes(source: str | None, num_classes: int, embed_dim: int, 
     if source == "random":
         return RandomTextPrototypes(num_classes, embed_dim, temperature, learnable_scale)
     raise ConfigError(f"text_source='{source}' is not one of 'prompt', 'file', 'random' or 'none'.")
+
+
+def save_text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "ViT-B-16", weights: str | None = None,
+                    template: str = "a histopathology image of {}.", allow_random: bool = False,
+                    tokenizer_file: str | None = None) -> str:
+    """Encodes one prompt per class with a frozen text tower and saves the C x D prototypes.
+
+    Args:
+        out: output ``.pt`` file, then given to training as ``text_prototype_file``.
+        class_descriptions: one description per class, e.g. ``"['background stroma','colon gland']"``.
+        arch: ``conch`` or an open_clip architecture of the text tower. Defaults to ``ViT-B-16``.
+        weights: local weights file of that architecture.
+        template: prompt template; ``{}`` is replaced by each description.
+        allow_random: permit a random tower (for testing the pipeline only). Defaults to False.
+        tokenizer_file: CONCH's ``conch_byte_level_bpe_uncased.json``, for ``--arch conch`` only.
+    """
+    if isinstance(class_descriptions, str):
+        class_descriptions = [class_descriptions]
+    if not weights and not allow_random:
+        raise ConfigError(
+            "text-prototypes needs --weights (a local text encoder file); prototypes from a random tower carry no "
+            "language prior. Pass --allow_random true only to test the pipeline."
+        )
+    model, tokenizer = build_text_tower(arch, weights, tokenizer_file=tokenizer_file)
+    custom = getattr(model, "text", None) is not None
+    prompts = [template.format(d) for d in class_descriptions]
+    with torch.no_grad():
+        vectors = F.normalize(encode_text_features(model, custom, tokenizer(prompts)).float(), dim=-1)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"prototypes": vectors, "class_descriptions": list(class_descriptions), "prompts": prompts,
+                "arch": arch}, path)
+    logger.info("Saved %d text prototypes of width %d to %s", *vectors.shape, path)
+    return str(path)
