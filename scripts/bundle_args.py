@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from scripts.errors import ConfigError, install_excepthook
 
 __all__ = ["CONFIG_COMMANDS", "BundleArguments", "parse_bundle_arguments", "bundle_arguments",
-           "check_command_line_keys"]
+           "check_command_line_keys", "top_level_key", "config_file_keys", "closest_keys"]
 
 # Commands of ``python -m monai.bundle`` that read config files and take config keys as ``--key value``.
 CONFIG_COMMANDS = ("run", "run_workflow", "onnx_export", "ckpt_export", "trt_export", "verify_net_in_out")
@@ -44,8 +44,27 @@ def _is_flag(token: str) -> bool:
     return token.startswith("--") or re.match(r"^-[a-zA-Z]", token) is not None
 
 
-def _top_level(key: str) -> str:
+def top_level_key(key: str) -> str:
+    """The top-level config key of ``key`` (``a`` of ``a#b``, ``a::b`` or ``+a``)."""
     return _NESTED.split(key.lstrip("+"), maxsplit=1)[0]
+
+
+def config_file_keys(files: Sequence[str]) -> set[str]:
+    """The top-level keys the config files define."""
+    from monai.bundle import ConfigParser
+
+    keys: set[str] = set()
+    for file in files:
+        keys |= {top_level_key(key) for key in ConfigParser.load_config_file(str(file))}
+    return keys
+
+
+def closest_keys(key: str, candidates) -> str:
+    """``did you mean a, b or c?`` for the known keys closest to ``key``, or ``no similar key``."""
+    close = difflib.get_close_matches(key, sorted(candidates), n=3, cutoff=0.6)  # best first
+    if not close:
+        return "no similar key"
+    return f"did you mean {' or '.join([', '.join(close[:-1]), close[-1]] if len(close) > 1 else close)}?"
 
 
 def _own_arguments(command: str | None) -> frozenset[str]:
@@ -85,7 +104,7 @@ class BundleArguments:
     @property
     def keys(self) -> set[str]:
         """The top-level config keys set (``--a#b value`` sets part of ``a``)."""
-        return {_top_level(key) for key in self.overrides}
+        return {top_level_key(key) for key in self.overrides}
 
     @property
     def config_files(self) -> list[str]:
@@ -104,15 +123,13 @@ class BundleArguments:
         from monai.bundle import ConfigParser
         from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
-        keys = {"_meta_"}
-        for file in self.config_files:
-            keys |= {_top_level(key) for key in ConfigParser.load_config_file(file)}
+        keys = {"_meta_"} | config_file_keys(self.config_files)
         tracking = self.arguments.get("tracking")
         if tracking is not None:
             if isinstance(tracking, str) and tracking in DEFAULT_EXP_MGMT_SETTINGS:
                 tracking = DEFAULT_EXP_MGMT_SETTINGS[tracking]
             settings = ConfigParser.load_config_files(tracking)
-            keys |= {_top_level(key) for key in settings.get("configs", {})}
+            keys |= {top_level_key(key) for key in settings.get("configs", {})}
         return keys
 
     def own_arguments(self) -> frozenset[str]:
@@ -126,12 +143,8 @@ class BundleArguments:
         unknown = sorted(self.keys - defined)
         if not unknown:
             return
-        candidates = sorted(defined | self.own_arguments())
-        described = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)  # best first
-            hint = f"did you mean {' or '.join([', '.join(close[:-1]), close[-1]] if len(close) > 1 else close)}?"
-            described.append(f"--{key} ({hint if close else 'no similar key'})")
+        candidates = defined | self.own_arguments()
+        described = [f"--{key} ({closest_keys(key, candidates)})" for key in unknown]
         one = len(unknown) == 1
         raise ConfigError(
             f"Unknown config key{'' if one else 's'} on the command line: {'; '.join(described)}. No config file of "

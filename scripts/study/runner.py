@@ -133,20 +133,6 @@ def encode_override(value: Any) -> str:
     return repr(value)
 
 
-def _top_key(key: str) -> str:
-    return key.split("#")[0].split("::")[0]
-
-
-def _defined_keys(files: Sequence[Path]) -> set[str]:
-    """Top-level keys the config files define."""
-    from monai.bundle import ConfigParser
-
-    keys: set[str] = set()
-    for file in files:
-        keys |= {_top_key(key) for key in ConfigParser.load_config_file(str(file))}
-    return keys
-
-
 def _override_args(overrides: dict[str, Any]) -> list[str]:
     args = []
     for key, value in overrides.items():
@@ -192,13 +178,12 @@ class Study:
         Each step then gets the override keys its own config files define (``eval_overlays`` reaches evaluation
         only), since a bundle command refuses a key that none of its config files defines.
         """
-        import difflib
+        from scripts.bundle_args import closest_keys, config_file_keys, top_level_key
 
-        known = _defined_keys(self.train_files) | _defined_keys([CONFIG_DIR / "evaluate.json"])
-        unknown = [key for key in self.options.overrides if _top_key(key) not in known]
+        known = config_file_keys([*self.train_files, CONFIG_DIR / "evaluate.json"])
+        unknown = [key for key in self.options.overrides if top_level_key(key) not in known]
         if unknown:
-            hints = [f"{key} (did you mean {' or '.join(close)}?)" if (close := difflib.get_close_matches(
-                _top_key(key), sorted(known), n=2)) else key for key in unknown]
+            hints = [f"{key} ({closest_keys(top_level_key(key), known)})" for key in unknown]
             raise ConfigError(f"--override sets {', '.join(hints)}, which no config of the study defines "
                               "(train.json, evaluate.json, the data set's preset and the recipe).")
 
@@ -300,8 +285,10 @@ class Study:
                 *extra, *_override_args(self._overrides_for(files))]
 
     def _overrides_for(self, files: Sequence[Path]) -> dict[str, Any]:
-        defined = _defined_keys([f for f in files if Path(f).is_file()])
-        return {key: value for key, value in self.options.overrides.items() if _top_key(key) in defined}
+        from scripts.bundle_args import config_file_keys, top_level_key
+
+        defined = config_file_keys([f for f in files if Path(f).is_file()])
+        return {key: value for key, value in self.options.overrides.items() if top_level_key(key) in defined}
 
     def _step(self, run_id: str, files: Sequence[Path], run: StudyRun, run_dir: Path, datalist: Path,
               extra: Sequence[str], log_name: str) -> tuple[str, float]:
