@@ -95,12 +95,13 @@ def subprocess_env(**extra):
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **extra}
 
 
-def run_python(args, cwd=REPO, repo_on_path=True):
+def run_python(args, cwd=REPO, repo_on_path=True, env=None):
     """Runs ``python <args>`` offline in ``cwd`` (the repository root by default); returns the completed process.
 
     ``repo_on_path=False`` leaves the repository off ``PYTHONPATH``, so a packed bundle imports its own scripts/.
+    ``env``: more environment variables for the subprocess.
     """
-    env = subprocess_env()
+    env = subprocess_env(**(env or {}))
     if not repo_on_path:
         env.pop("PYTHONPATH")
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

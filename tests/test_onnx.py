@@ -52,13 +52,17 @@ def assert_same_logits(model, network, shapes, tolerance=1e-4):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A random tiny network saved as model.pt and exported through the project CLI."""
-    folder = tmp_path_factory.mktemp("onnx")
+    """A random tiny network saved as model.pt and exported through the project CLI, which leaves no file behind in
+    the temporary folder nor beside the model."""
+    folder, scratch = tmp_path_factory.mktemp("onnx"), tmp_path_factory.mktemp("tmpdir")
     network = tiny_network()
     torch.save({"model": network.state_dict()}, folder / "model.pt")
     result = run_python(["-m", "scripts.cli", "export-onnx", "--ckpt", folder / "model.pt", "--out", folder / "model.onnx",
-                  "--example_size", "[2,3,64,96]", *NET_ARGS])
+                  "--example_size", "[2,3,64,96]", *NET_ARGS], env={"TMPDIR": str(scratch)})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in scratch.iterdir() if p.stat().st_size > 4096] == []  # no weights left in TMPDIR
+    assert sorted(p.name for p in folder.iterdir()) in (["model.onnx", "model.pt"],
+                                                        ["model.onnx", "model.onnx.data", "model.pt"])
     return network, folder
 
 
@@ -108,11 +112,14 @@ def test_checkpoint_that_does_not_fit_is_named(exported, tmp_path):
 def test_monai_bundle_onnx_export_builds_the_network_of_ckpt_file(recorded, tmp_path):
     """No network overrides: the network comes from the record of --ckpt_file, not from the bundle's model.pt."""
     network, folder = recorded
+    scratch = tmp_path / "tmp"  # MONAI's export leaves tmp<random>.data in the temporary folder (see docs/deploy.md)
+    scratch.mkdir()
     result = run_python(["-m", "monai.bundle", "onnx_export", "network_def", "--filepath", tmp_path / "monai.onnx",
                          "--ckpt_file", folder / "other.pt", "--key_in_ckpt", "model", "--config_file", INFERENCE,
                          "--bundle_root", folder / "bundle", "--input_shape", "[2,3,64,64]", "--use_trace", "true",
                          "--converter_kwargs",
-                         "{'dynamo': True, 'dynamic_axes': {'x': {0: 'batch', 2: 'height', 3: 'width'}}}"])
+                         "{'dynamo': True, 'dynamic_axes': {'x': {0: 'batch', 2: 'height', 3: 'width'}}}"],
+                        env={"TMPDIR": str(scratch)})
     assert result.returncode == 0, result.stderr[-3000:]
     segmenter = OnnxSegmenter(tmp_path / "monai.onnx", num_classes=2, providers=["CPUExecutionProvider"])
     assert_same_logits(segmenter, network, [(2, 3, 64, 64), (1, 3, 96, 32)])
