@@ -131,3 +131,19 @@ def test_quantize_keeps_the_record_and_stays_close_to_float(exported, tmp_path):
         reference = tiny_network()(x)
     logits = OnnxSegmenter(out, num_classes=2, providers=["CPUExecutionProvider"])(x)
     assert float((logits - reference).abs().max()) < 0.1 * float(reference.abs().max())
+
+
+def test_pipeline_takes_a_list_of_config_files(exported, tmp_path):
+    """export-onnx --int8 with --config_file "[inference.json, preset, recipe]" measures through all of them."""
+    from scripts.errors import ConfigError
+    from scripts.paths import config_path
+
+    float_path, _, _ = exported
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps({"sw_overlap": 0.5, "min_object_size": 7}))
+    pipeline = InferencePipeline(float_path, [str(config_path("inference.json")), str(override)], backend="onnx",
+                                 device="cpu")
+    parts = pipeline.parts()
+    assert parts["inferers"][False].inferer.inferer.overlap == 0.5 and parts["post"]["min_object_size"] == 7
+    with pytest.raises(ConfigError, match="nowhere.json"):
+        InferencePipeline(float_path, [str(config_path("inference.json")), str(tmp_path / "nowhere.json")])

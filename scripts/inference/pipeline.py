@@ -32,16 +32,30 @@ INFERENCE_CONFIG = config_path("inference.json")
 _POST_KEYS = ("min_object_size", "fill_holes", "split_touching")
 
 
+def config_files(config_file) -> list[Path]:
+    """The inference config as a list of files: one path, or a list whose first file is the bundle's
+    ``inference.json`` and the others override it (a data set preset, a recipe). Defaults to ``inference.json``."""
+    if not config_file:
+        return [INFERENCE_CONFIG]
+    files = [Path(f) for f in (config_file if isinstance(config_file, (list, tuple)) else [config_file])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise ConfigError(f"Inference config {missing or '[]'} not found; give the bundle's configs/inference.json, "
+                          "then any preset or recipe files that override it.")
+    return files
+
+
 def image_reader(config_file: str | os.PathLike | None = None, overrides: dict | None = None):
     """``inference.json``'s ``load_image`` transform: ``{"image": path}`` -> a channel-first RGB image on the 0..255
     scale, read as the bundle's inference reads it. Needs no model, so a folder can be read before one is loaded.
 
     Args:
-        config_file: the inference config. Defaults to the bundle's ``configs/inference.json``.
+        config_file: the inference config, or a list of config files (``config_files``). Defaults to the bundle's
+            ``configs/inference.json``.
         overrides: keys of that config to set first (as ``InferencePipeline`` takes them).
     """
     parser = ConfigParser()
-    parser.read_config(str(config_file or INFERENCE_CONFIG))
+    parser.read_config([str(f) for f in config_files(config_file)])
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser.get_parsed_content("load_image")
@@ -56,7 +70,9 @@ class InferencePipeline:
 
     Args:
         model_path: the trained ``model.pt`` (``backend="pytorch"``) or exported ``.onnx`` file (``"onnx"``).
-        config_file: the inference config. Defaults to the bundle's ``configs/inference.json``.
+        config_file: the inference config, or a list of config files whose first is the bundle's
+            ``inference.json`` and whose others (a preset, a recipe) override it. Defaults to the bundle's
+            ``configs/inference.json``.
         backend: ``"pytorch"`` or ``"onnx"``, as the config key ``backend``. Defaults to ``"pytorch"``.
         device: ``"cpu"``, ``"cuda"`` or None for CUDA when available.
         overrides: other keys of the config (e.g. ``{"sw_batch_size": 8, "min_object_size": 1600}``).
@@ -74,10 +90,8 @@ class InferencePipeline:
 
     def __init__(self, model_path: str | os.PathLike, config_file: str | os.PathLike | None = None,
                  backend: str = "pytorch", device: str | torch.device | None = None, overrides: dict | None = None):
-        self.config_file = Path(config_file) if config_file else INFERENCE_CONFIG
-        if not self.config_file.is_file():
-            raise ConfigError(f"Inference config '{self.config_file}' not found; give the bundle's "
-                              "configs/inference.json.")
+        self.config_files = config_files(config_file)
+        self.config_file = self.config_files[0]
         if backend not in ("pytorch", "onnx"):
             raise ConfigError(f"backend='{backend}' is not 'pytorch' or 'onnx'.")
         self.model_path = Path(model_path)
@@ -97,7 +111,7 @@ class InferencePipeline:
 
     def _build(self) -> None:
         parser = ConfigParser()
-        parser.read_config(str(self.config_file))
+        parser.read_config([str(f) for f in self.config_files])
         model_key = "onnx_path" if self.backend == "onnx" else "ckpt_path"
         settings = {"bundle_root": str(self.config_file.parents[1]), model_key: str(self.model_path),
                     "backend": self.backend, "device": self.device, "output_dir": tempfile.gettempdir(),

@@ -4,10 +4,13 @@ For each slide, ``SlideSegmenter``:
 
 1. opens it (``open_slide``) and picks the level and the resize factor for ``level`` or ``mpp``;
 2. builds a thumbnail block by block and detects tissue on it (``scripts.wsi.tissue``);
-3. walks the output grid tile by tile in storage order; a tile with tissue is read with a margin (``halo``) of
-   context on every side, segmented with the bundle's inferer (sliding window, Gaussian blending, optional flip
-   TTA) and cropped back, a tile without tissue is background without being read; tiles stream into a tiled
-   TIFF, so only one tile and its margin are in memory;
+3. walks the output grid tile by tile in storage order; a tile without tissue is background without being read.
+   Tissue tiles are segmented with the bundle's sliding window (Gaussian blending, optional flip TTA) laid on
+   one grid over the whole slide (``scripts.wsi.windows``), so a window on a tile border is computed once and
+   the mask has no tile seams; the next tile's region is read on a second thread while this one is segmented.
+   With ``shared_windows`` off, or an inferer other than the bundle's, each tile is read with a margin
+   (``halo``) of context and segmented on its own with ``inferer``. Tiles stream into a tiled TIFF, so memory
+   holds a few tiles, not the slide;
 4. turns that mask into a pyramidal TIFF and a GeoJSON of polygons in the slide's level-0 pixel frame (what
    QuPath's File > Import objects reads), and writes a tissue thumbnail and a JSON summary.
 
@@ -23,6 +26,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,6 +44,7 @@ from scripts.files import atomic_path, write_text_atomically
 from scripts.wsi.outputs import mask_to_geojson, tile_grid, write_mask_pyramid, write_tiled_tiff
 from scripts.wsi.slide import choose_level, open_slide, region_at_scale
 from scripts.wsi.tissue import build_thumbnail, tissue_mask
+from scripts.wsi.windows import SharedWindowTiles, labels_from_logits, window_plan
 
 __all__ = ["SlideSegmenter", "list_slides", "SLIDE_SUFFIXES"]
 
@@ -86,7 +91,8 @@ class SlideSegmenter:
         level: pyramid level to segment at. Exclusive with ``mpp``. Defaults to None (level 0 when ``mpp`` is None).
         mpp: target microns per pixel; the nearest finer level is read and resized. Defaults to None.
         tile_size: output tile size in pixels (also the TIFF tile size; a multiple of 16). Defaults to 1024.
-        halo: context margin read around each tile, in pixels. Defaults to 64.
+        halo: context margin read around each tile, in pixels, when tiles are segmented on their own (the shared
+            window grid reads what its windows cover). Defaults to 64.
         device: where tiles are segmented. Defaults to CPU.
         amp: autocast on CUDA. Defaults to False.
         amp_dtype: autocast dtype (config key ``amp_dtype``). Defaults to ``"bfloat16"``.
@@ -104,6 +110,8 @@ class SlideSegmenter:
         normalize: the intensity transform of ``inference.json`` (its ``normalize`` key, a dictionary transform on
             ``"image"``, 3 x H x W on the 0..255 scale), so slides are normalised exactly as tiles are. Defaults to
             None: the ImageNet mean / std on the 0..255 scale that ``inference.json`` uses.
+        shared_windows: segment tissue tiles on one window grid over the slide (config key
+            ``wsi_shared_windows``; needs the bundle's inferer, see ``scripts.wsi.windows``). Defaults to True.
 
     Examples::
 
@@ -120,7 +128,7 @@ class SlideSegmenter:
                  tissue_threshold: float | None = None,
                  min_tissue_fraction: float = 0.01, geojson: bool = True, simplify: float = 1.0,
                  min_object_area: float = 0.0, backend: str = "auto", overwrite: bool = False, progress: bool = True,
-                 normalize: Callable[[dict], dict] | None = None):
+                 normalize: Callable[[dict], dict] | None = None, shared_windows: bool = True):
         if tile_size < 16 or tile_size % 16:
             raise ConfigError(f"'wsi_tile_size' must be a positive multiple of 16 (a TIFF rule), got {tile_size}.")
         if halo < 0:
@@ -151,6 +159,11 @@ class SlideSegmenter:
             normalize = NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN_255, divisor=IMAGENET_STD_255,
                                             channel_wise=True)
         self.normalize = normalize
+        self.plan = window_plan(inferer, self.tile_size) if as_bool(shared_windows, "wsi_shared_windows") else None
+        if as_bool(shared_windows, "wsi_shared_windows") and self.plan is None:
+            logger.info("Tiles are segmented one by one with a margin of %d pixels: the inferer is not the bundle's "
+                        "sliding window at a scale of 1/n, or a window is larger than a tile.", self.halo)
+        self._channels_last = False
 
     def outputs(self, slide_path: str) -> dict[str, Path]:
         stem = Path(slide_path).stem
@@ -183,7 +196,8 @@ class SlideSegmenter:
                 "classes": self.class_names, "mask_scale": self.mask_scale, "tissue_detection": self.tissue_detection,
                 "tissue_downsample": self.tissue_downsample, "tissue_threshold": self.tissue_threshold,
                 "min_tissue_fraction": self.min_tissue_fraction, "geojson": self.geojson, "simplify": self.simplify,
-                "min_object_area": self.min_object_area, "image_scale": getattr(self.inferer, "scale", 1.0)}
+                "min_object_area": self.min_object_area, "image_scale": getattr(self.inferer, "scale", 1.0),
+                "window_grid": "slide" if self.plan is not None else "tile"}
 
     def _done(self, slide_path: str, outputs: dict[str, Path]) -> dict | None:
         """The summary of an earlier run with the same settings whose outputs all exist, else None."""
@@ -197,13 +211,30 @@ class SlideSegmenter:
                     "the model).", slide_path, self.output_dir)
         return summary
 
+    def _normalized(self, region: np.ndarray) -> torch.Tensor:
+        image = torch.from_numpy(region).permute(2, 0, 1).float()
+        return torch.as_tensor(self.normalize({"image": image})["image"], dtype=torch.float32)
+
     @torch.no_grad()
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
-        image = torch.from_numpy(region).to(self.device).permute(2, 0, 1).float()
-        image = torch.as_tensor(self.normalize({"image": image})["image"], dtype=torch.float32)[None]
+        image = self._normalized(region).to(self.device)[None]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
             logits = self.inferer(image, self.network)
-        return logits[0].float().argmax(dim=0).to(torch.uint8).cpu().numpy()
+        return labels_from_logits(logits[0].float().cpu())
+
+    @torch.no_grad()
+    def _predict(self, windows: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of normalised windows, float32 on the CPU. A PyTorch network on the CPU runs in
+        channels-last memory order (measured faster there, see docs/benchmarks.md); its results are the same."""
+        windows = windows.to(self.device)
+        if isinstance(self.network, torch.nn.Module) and self.device.type == "cpu":
+            if not self._channels_last:
+                self.network.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            windows = windows.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
+            logits = self.network(windows)
+        return logits.float().cpu()
 
     def _tissue(self, slide, level: int, factor: float, grid: tuple[int, int], png: Path):
         """The tissue mask of the processing grid at 1/``tissue_downsample`` (None without detection), its cut."""
@@ -226,35 +257,78 @@ class SlideSegmenter:
 
     def _write_mask(self, slide, level: int, factor: float, grid: tuple[int, int], tissue, path: Path,
                     name: str) -> dict:
-        """Segments the grid tile by tile into the tiled TIFF ``path``; returns tile and class-pixel counts."""
+        """Segments the grid tile by tile into the tiled TIFF ``path``; returns tile and class-pixel counts and the
+        seconds spent reading (on the reader thread), waiting for reads, and segmenting."""
         tile, halo = self.tile_size, self.halo
         counts = np.zeros(self.num_classes, np.int64)
-        done = {"segmented": 0, "skipped": 0}
         corners = tile_grid(grid, tile)
+        sizes = {(top, left): (min(tile, grid[0] - top), min(tile, grid[1] - left)) for top, left in corners}
+        todo = [(top, left) for top, left in corners if self._has_tissue(tissue, top, left, *sizes[(top, left)])]
+        seconds = {"read": 0.0, "read_wait": 0.0, "segment": 0.0}
+        shared = None
+        if self.plan is not None:
+            shared = SharedWindowTiles(self.plan, self._predict, self._read_normalized(slide, level, factor), grid,
+                                       tile, {(top // tile, left // tile) for top, left in todo}, self.num_classes)
+
+        def read(top: int, left: int):
+            start = time.perf_counter()
+            if shared is not None:
+                region = shared.read_region(top // tile, left // tile)
+            else:
+                h, w = sizes[(top, left)]
+                region = region_at_scale(slide, level, factor, top - halo, left - halo, (h + 2 * halo, w + 2 * halo))
+            seconds["read"] += time.perf_counter() - start  # one reader thread: no concurrent update
+            return region
+
         bar = tqdm(total=len(corners), desc=name, unit="tile", disable=not self.progress, file=sys.stderr,
                    mininterval=2.0)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-reader") as reader:
+            reads = {}  # the next tissue tile's region is read while this one is segmented
 
-        def read_tile(top: int, left: int) -> np.ndarray:
-            out = np.zeros((tile, tile), np.uint8)
-            h, w = min(tile, grid[0] - top), min(tile, grid[1] - left)
-            if self._has_tissue(tissue, top, left, h, w):
-                region = region_at_scale(slide, level, factor, top - halo, left - halo, (h + 2 * halo, w + 2 * halo))
-                labels = self._segment_tile(region)[halo:halo + h, halo:halo + w]
-                counts[:] += np.bincount(labels.ravel(), minlength=self.num_classes)[:self.num_classes]
-                out[:h, :w] = labels * (self.mask_scale or 1)
-                done["segmented"] += 1
-            else:
-                counts[0] += h * w
-                done["skipped"] += 1
-            bar.update(1)
-            return out
+            def ask(index: int) -> None:
+                if index < len(todo):
+                    reads[todo[index]] = reader.submit(read, *todo[index])
 
-        try:
-            write_tiled_tiff(path, grid, tile, read_tile)
-        finally:
-            bar.close()
-        return {"tiles": len(corners), "tiles_segmented": done["segmented"],
-                "tiles_skipped_background": done["skipped"], "counts": counts}
+            ask(0)
+            segmented = 0
+
+            def tile_labels(top: int, left: int) -> np.ndarray:
+                nonlocal segmented
+                out = np.zeros((tile, tile), np.uint8)
+                h, w = sizes[(top, left)]
+                if (top, left) in reads:
+                    start = time.perf_counter()
+                    region = reads.pop((top, left)).result()
+                    seconds["read_wait"] += time.perf_counter() - start
+                    segmented += 1
+                    ask(segmented)
+                    start = time.perf_counter()
+                    if shared is not None:
+                        labels = shared.segment(top // tile, left // tile, region)
+                    else:
+                        labels = self._segment_tile(region)[halo:halo + h, halo:halo + w]
+                    seconds["segment"] += time.perf_counter() - start
+                    counts[:] += np.bincount(labels.ravel(), minlength=self.num_classes)[:self.num_classes]
+                    out[:h, :w] = labels * (self.mask_scale or 1)
+                else:
+                    counts[0] += h * w
+                bar.update(1)
+                return out
+
+            try:
+                write_tiled_tiff(path, grid, tile, tile_labels)
+            finally:
+                bar.close()
+                for pending in reads.values():
+                    pending.cancel()
+        return {"tiles": len(corners), "tiles_segmented": segmented,
+                "tiles_skipped_background": len(corners) - segmented, "counts": counts,
+                "windows": shared.windows_computed if shared is not None else None, "seconds": seconds}
+
+    def _read_normalized(self, slide, level: int, factor: float) -> Callable[[int, int, int, int], torch.Tensor]:
+        def read(top: int, left: int, height: int, width: int) -> torch.Tensor:
+            return self._normalized(region_at_scale(slide, level, factor, top, left, (height, width)))
+        return read
 
     def segment(self, slide_path: str) -> dict:
         """Segments one slide; returns (and writes) its summary."""
@@ -276,18 +350,25 @@ class SlideSegmenter:
             level_h, level_w = slide.level_shapes[level]
             grid = (max(1, int(level_h / factor)), max(1, int(level_w / factor)))
             tissue, cut = self._tissue(slide, level, factor, grid, outputs["tissue"])
+            timing = {"tissue_detection": time.perf_counter() - start}
             try:
+                mark = time.perf_counter()
                 tiles = self._write_mask(slide, level, factor, grid, tissue, level0, Path(slide_path).name)
+                timing["tiles"] = time.perf_counter() - mark
+                timing.update(tiles.pop("seconds"))
+                mark = time.perf_counter()
                 grid_mpp = slide.level_mpp(level) * factor if slide.mpp is not None else None
                 scale = tuple(s * factor for s in slide.level_scales[level])  # mask pixel -> level-0 pixel, (y, x)
                 description = {"source": str(slide_path), "level": level, "resize_factor": factor,
                                "downsample_from_level0": list(scale), "mpp": grid_mpp, "classes": self.class_names,
                                "mask_scale": self.mask_scale or 1}
                 levels = write_mask_pyramid(level0, outputs["mask"], self.tile_size, grid_mpp, description)
-                polygons = {}
+                timing["pyramid"] = time.perf_counter() - mark
+                polygons, mark = {}, time.perf_counter()
                 if self.geojson:
                     polygons = mask_to_geojson(level0, outputs["geojson"], self.tile_size, scale, self.class_names,
                                                self.mask_scale, self.simplify, self.min_object_area)
+                timing["geojson"] = time.perf_counter() - mark
             finally:
                 level0.unlink(missing_ok=True)
             counts = tiles.pop("counts")
@@ -307,6 +388,9 @@ class SlideSegmenter:
                 "class_fractions": {name: round(int(n) / total, 6) for name, n in zip(self.class_names, counts)},
                 "polygons": polygons,
                 "seconds": round(time.perf_counter() - start, 2),
+                # where the seconds went: tissue detection, the tile loop (of which reading on the reader thread,
+                # waiting for reads, segmenting; the rest is writing the tiles), the pyramid, the GeoJSON
+                "timing": {key: round(value, 3) for key, value in timing.items()},
                 "outputs": {key: str(p) for key, p in outputs.items()},
                 "settings": self.settings(),
             }
