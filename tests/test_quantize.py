@@ -57,7 +57,7 @@ def test_record_holds_the_measured_figures(exported, demo_data):
     assert figures["dice_loss"] == pytest.approx(dice_float - dice_int8, abs=2e-6)
     assert figures["pixel_agreement"] == pytest.approx(mask_agreement(masks[float_path], masks[int8_path]), abs=1e-6)
     assert figures["calibration_sections"] == ["training", "unlabeled"] and figures["calibration_windows"] == 6
-    assert figures["max_dice_loss"] == 1.0
+    assert figures["max_dice_loss"] == 1.0 and figures["quantized_ops"] == ["Conv"]
     assert f"Dice float32 {dice_float:.4f}, int8 {dice_int8:.4f}" in printed  # the export says it too
 
 
@@ -147,3 +147,13 @@ def test_pipeline_takes_a_list_of_config_files(exported, tmp_path):
     assert parts["inferers"][False].inferer.inferer.overlap == 0.5 and parts["post"]["min_object_size"] == 7
     with pytest.raises(ConfigError, match="nowhere.json"):
         InferencePipeline(float_path, [str(config_path("inference.json")), str(tmp_path / "nowhere.json")])
+
+
+def test_unknown_operator_type_is_refused_before_any_work(exported, demo_data, tmp_path):
+    from scripts.deploy.quantize import export_int8
+    from scripts.errors import ConfigError
+
+    float_path, _, _ = exported
+    with pytest.raises(ConfigError, match=r"--int8_ops 'Conv,Softmax': give one or more of Conv, MatMul, Gemm"):
+        export_int8(float_path, tmp_path / "m.int8.onnx", demo_data, ops="Conv,Softmax")
+    assert not (tmp_path / "m.int8.onnx").exists()

@@ -40,6 +40,13 @@ class DarkInContext(torch.nn.Module):
         return torch.cat([-s, s], 1)
 
 
+class BrightInContext(DarkInContext):
+    """The opposite rule: white glass is "gland", as a model trained on tissue may say of it."""
+
+    def forward(self, x):
+        return super().forward(x).flip(1)
+
+
 HEIGHT, WIDTH, TILE = 300, 420, 64
 IMAGE = torch.randn(3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(1))
 
@@ -171,3 +178,27 @@ def test_slide_segmenter_shared_grid_against_tile_by_tile(tmp_path):
     assert (masks[True] == labels_from_logits(expected)).mean() > 0.9999
     # a window cut by a tile border sees less of the image; this network weighs its whole window, so it shows
     assert (masks[True] == masks[False]).mean() > 0.97
+
+
+def test_background_windows_are_skipped_and_reading_ahead_changes_nothing(tmp_path):
+    """With tissue detection, windows with no tissue under them are not computed: inside the tissue the mask is
+    the one of every window, outside what no window covers is background. A reader thread gives the same mask."""
+    from PIL import Image
+
+    slide = write_synthetic_slide(tmp_path / "s.tif", 768, 1024, tile=128, mpp=0.5, seed=2, tissue_regions=1,
+                                  tissue_radius=(0.25, 0.25))
+    inferer, _ = bundle_inferer(0.5, False, roi=(32, 32))
+    masks, summaries = {}, {}
+    for name, skip, ahead in (("all", False, False), ("skip", True, False), ("skip_thread", True, True)):
+        segmenter = SlideSegmenter(BrightInContext(), inferer, tmp_path / name, num_classes=2, tile_size=256,
+                                   mask_scale=1, skip_background_windows=skip, read_ahead=ahead, progress=False)
+        summaries[name] = segmenter.segment(str(slide))
+        masks[name] = tifffile.imread(summaries[name]["outputs"]["mask"], level=0)
+    assert summaries["all"]["windows_skipped_background"] == 0
+    skipped = summaries["skip"]["windows_skipped_background"]
+    assert skipped > 0 and summaries["skip"]["windows"] + skipped == summaries["all"]["windows"]
+    np.testing.assert_array_equal(masks["skip"], masks["skip_thread"])
+    tissue = np.asarray(Image.open(tmp_path / "skip" / "s_tissue.png")) > 0
+    inside = np.kron(tissue, np.ones((16, 16), bool))[:768, :1024]
+    np.testing.assert_array_equal(masks["skip"][inside], masks["all"][inside])
+    assert masks["all"][~inside].mean() > 0.1 and masks["skip"][~inside].mean() < 0.5 * masks["all"][~inside].mean()

@@ -216,7 +216,7 @@ def export_trained_model(ckpt: str = "models/model.pt", out: str = "models/model
                 datalist: str | None = None, dataset_dir: str | None = None,
                 int8_calibration_sections: str = "training,unlabeled", int8_calibration_windows: int = 64,
                 int8_eval_section: str | None = None, int8_max_dice_loss: float = 0.005, label_threshold: float = 0,
-                **overrides) -> str:
+                int8_ops: str = "Conv", **overrides) -> str:
     """Builds the network ``ckpt`` records (or, for an older file, that of ``config_file`` with ``--key value``
     overrides, as for training; ``config_file`` defaults to the bundle's ``inference.json``), loads ``ckpt`` strictly and exports it to ``out`` with dynamic batch, height and
     width and the model's record (if it has one) in the file's metadata; fails if ONNX Runtime and PyTorch differ by
@@ -229,7 +229,8 @@ def export_trained_model(ckpt: str = "models/model.pt", out: str = "models/model
     ``--int8_out`` (default ``<out>`` with ``.int8.onnx``), calibrated on ``--int8_calibration_windows`` windows of
     the ``--int8_calibration_sections`` images, with the Dice of both models on ``--int8_eval_section`` (default
     ``test``, else ``validation``; foreground above ``--label_threshold``) and their mask agreement in its record;
-    it is refused, with those figures, when it loses more than ``--int8_max_dice_loss`` Dice.
+    it is refused, with those figures, when it loses more than ``--int8_max_dice_loss`` Dice. ``--int8_ops`` names
+    the operator types quantised (default ``Conv``; ``Conv,MatMul,Gemm`` quantises the ViT's products too).
     """
     from monai.bundle import ConfigParser
 
@@ -261,5 +262,6 @@ def export_trained_model(ckpt: str = "models/model.pt", out: str = "models/model
 
     quantized, figures = export_int8(exported, int8_out or exported.with_suffix(".int8.onnx"), datalist, dataset_dir,
                                      int8_calibration_sections, int(int8_calibration_windows), int8_eval_section,
-                                     float(int8_max_dice_loss), config_file, overrides, float(label_threshold))
+                                     float(int8_max_dice_loss), config_file, overrides, float(label_threshold),
+                                     ops=int8_ops)
     return f"{exported}\n{quantized}: {describe_int8(figures)}"

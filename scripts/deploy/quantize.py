@@ -34,13 +34,16 @@ from scripts.errors import ConfigError, RunError
 from scripts.files import atomic_files
 
 __all__ = ["export_int8", "quantize_onnx", "calibration_windows", "int8_accuracy", "mask_agreement", "mean_dice",
-           "is_int8", "describe_int8", "INT8_RECORD_KEY", "QUANTIZED_OPS", "CALIBRATION_SECTIONS"]
+           "is_int8", "describe_int8", "INT8_RECORD_KEY", "QUANTIZED_OPS", "INT8_OP_TYPES", "CALIBRATION_SECTIONS"]
 
 logger = logging.getLogger(__name__)
 
 # Where the int8 figures sit in the model's record.
 INT8_RECORD_KEY = "int8"
-QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+# Convolutions only by default: on GlaS (CPU recipe, 20 test images) quantising the ViT's matrix products as well
+# lost 0.039 Dice, convolutions alone 0.004 (docs/benchmarks.md); ``--int8_ops Conv,MatMul,Gemm`` asks for all three.
+QUANTIZED_OPS = ("Conv",)
+INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
 CALIBRATION_SECTIONS = ("training", "unlabeled")
 _EVAL_SECTIONS = ("test", "validation")
 _CALIBRATION_BATCH = 8
@@ -211,6 +214,15 @@ def describe_int8(figures: Mapping[str, Any]) -> str:
             f"the {figures['images']} images of section '{figures['eval_section']}'")
 
 
+def _op_types(ops: str | Sequence[str]) -> tuple[str, ...]:
+    chosen = tuple(o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if str(o).strip())
+    unknown = [o for o in chosen if o not in INT8_OP_TYPES]
+    if not chosen or unknown:
+        raise ConfigError(f"--int8_ops {ops!r}: give one or more of {', '.join(INT8_OP_TYPES)}, comma-separated "
+                          f"(default {','.join(QUANTIZED_OPS)}).")
+    return chosen
+
+
 def _section_list(sections: str | Sequence[str]) -> list[str]:
     return [s.strip() for s in sections.split(",") if s.strip()] if isinstance(sections, str) else list(sections)
 
@@ -220,7 +232,8 @@ def export_int8(float_path: str | os.PathLike, out: str | os.PathLike, datalist:
                 calibration_sections: str | Sequence[str] = CALIBRATION_SECTIONS, calibration_windows_count: int = 64,
                 eval_section: str | None = None, max_dice_loss: float = 0.005,
                 config_file: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
-                label_threshold: float = 0, per_channel: bool = True, seed: int = 0) -> tuple[Path, dict]:
+                label_threshold: float = 0, per_channel: bool = True, seed: int = 0,
+                ops: str | Sequence[str] = QUANTIZED_OPS) -> tuple[Path, dict]:
     """Quantises the float32 model ``float_path`` to int8, measures what it costs and writes it to ``out`` with the
     figures in its record, unless the Dice lost exceeds ``max_dice_loss``.
 
@@ -239,6 +252,8 @@ def export_int8(float_path: str | os.PathLike, out: str | os.PathLike, datalist:
         label_threshold: foreground is ``label > label_threshold`` in binary tasks, as in training. Defaults to 0.
         per_channel: one weight scale per output channel. Defaults to True.
         seed: chooses the calibration images and windows. Defaults to 0.
+        ops: the ONNX operator types to quantise, a list or a comma-separated string of ``Conv``, ``MatMul`` and
+            ``Gemm``. Defaults to ``Conv`` (``QUANTIZED_OPS``).
 
     Returns:
         ``out`` and the figures stored in its record under ``"int8"``.
@@ -250,6 +265,7 @@ def export_int8(float_path: str | os.PathLike, out: str | os.PathLike, datalist:
     from scripts.inference import InferencePipeline
     from scripts.networks.record import ONNX_RECORD_KEY, stored_record
 
+    ops = _op_types(ops)
     calibration = _sections(datalist, _section_list(calibration_sections), "--int8_calibration_sections")
     evaluation = _sections(datalist, [eval_section] if eval_section else _EVAL_SECTIONS, "--int8_eval_section")[0]
     images = [item["image"] for name in calibration
@@ -261,16 +277,17 @@ def export_int8(float_path: str | os.PathLike, out: str | os.PathLike, datalist:
                                   settings["image_scale"], calibration_windows_count, seed)
     out = Path(out)
     with atomic_files(out) as folder:  # nothing appears unless measured and accepted
-        draft = quantize_onnx(float_path, folder / out.name, windows, per_channel=per_channel)
+        draft = quantize_onnx(float_path, folder / out.name, windows, per_channel=per_channel, op_types=ops)
         figures = int8_accuracy(float_path, draft, items, config_file, overrides, label_threshold)
         figures.update(eval_section=evaluation, calibration_sections=calibration, calibration_windows=len(windows),
                        calibration_images=min(len(images), len(windows)), max_dice_loss=float(max_dice_loss),
-                       per_channel=bool(per_channel), quantized_ops=list(QUANTIZED_OPS))
+                       per_channel=bool(per_channel), quantized_ops=list(ops))
         shown = describe_int8(figures)
         if figures["dice_loss"] > max_dice_loss:
             raise RunError(f"int8 model refused: {shown}; the loss exceeds --int8_max_dice_loss {max_dice_loss}. "
                            f"Nothing was written to '{out}'. Deploy the float32 model '{float_path}', or calibrate "
-                           "on more windows (--int8_calibration_windows), or accept a larger loss.")
+                           f"on more windows (--int8_calibration_windows), or quantise fewer operator types than "
+                           f"{','.join(ops)} (--int8_ops), or accept a larger loss.")
         record = {**(stored_record(float_path) or {}), INT8_RECORD_KEY: figures}
         _set_metadata(draft, {ONNX_RECORD_KEY: json.dumps(record)})
     logger.info("Wrote int8 model %s: %s.", out, shown)

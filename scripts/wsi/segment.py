@@ -7,7 +7,8 @@ For each slide, ``SlideSegmenter``:
 3. walks the output grid tile by tile in storage order; a tile without tissue is background without being read.
    Tissue tiles are segmented with the bundle's sliding window (Gaussian blending, optional flip TTA) laid on
    one grid over the whole slide (``scripts.wsi.windows``), so a window on a tile border is computed once and
-   the mask has no tile seams; the next tile's region is read on a second thread while this one is segmented.
+   the mask has no tile seams; windows with no tissue under them are left out. On a GPU the next tile's region
+   is read on a second thread while this one is segmented.
    With ``shared_windows`` off, or an inferer other than the bundle's, each tile is read with a margin
    (``halo``) of context and segmented on its own with ``inferer``. Tiles stream into a tiled TIFF, so memory
    holds a few tiles, not the slide;
@@ -26,7 +27,7 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -77,6 +78,24 @@ def list_slides(slides: str | os.PathLike | Sequence[str]) -> list[str]:
     return found
 
 
+class _Inline:
+    """``ThreadPoolExecutor``'s ``submit`` run at once, in this thread."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # raised where the result is asked for, as from a thread
+            future.set_exception(err)
+        return future
+
+
 class SlideSegmenter:
     """Segments whole-slide images tile by tile with the bundle's network and inferer.
 
@@ -112,6 +131,11 @@ class SlideSegmenter:
             None: the ImageNet mean / std on the 0..255 scale that ``inference.json`` uses.
         shared_windows: segment tissue tiles on one window grid over the slide (config key
             ``wsi_shared_windows``; needs the bundle's inferer, see ``scripts.wsi.windows``). Defaults to True.
+        skip_background_windows: on that grid, leave out windows with no tissue under them (on the tissue
+            thumbnail grown by one of its pixels); what no computed window covers is background (config key
+            ``wsi_skip_background_windows``; needs tissue detection). Defaults to True.
+        read_ahead: read the next tissue tile on a thread while this one is segmented. Defaults to None: on a GPU
+            only (on the CPU the network keeps every core busy, and a reader beside it was measured slower).
 
     Examples::
 
@@ -128,7 +152,8 @@ class SlideSegmenter:
                  tissue_threshold: float | None = None,
                  min_tissue_fraction: float = 0.01, geojson: bool = True, simplify: float = 1.0,
                  min_object_area: float = 0.0, backend: str = "auto", overwrite: bool = False, progress: bool = True,
-                 normalize: Callable[[dict], dict] | None = None, shared_windows: bool = True):
+                 normalize: Callable[[dict], dict] | None = None, shared_windows: bool = True,
+                 skip_background_windows: bool = True, read_ahead: bool | None = None):
         if tile_size < 16 or tile_size % 16:
             raise ConfigError(f"'wsi_tile_size' must be a positive multiple of 16 (a TIFF rule), got {tile_size}.")
         if halo < 0:
@@ -164,6 +189,8 @@ class SlideSegmenter:
             logger.info("Tiles are segmented one by one with a margin of %d pixels: the inferer is not the bundle's "
                         "sliding window at a scale of 1/n, or a window is larger than a tile.", self.halo)
         self._channels_last = False
+        self.skip_background_windows = as_bool(skip_background_windows, "wsi_skip_background_windows")
+        self.read_ahead = self.device.type == "cuda" if read_ahead is None else bool(read_ahead)
 
     def outputs(self, slide_path: str) -> dict[str, Path]:
         stem = Path(slide_path).stem
@@ -197,7 +224,22 @@ class SlideSegmenter:
                 "tissue_downsample": self.tissue_downsample, "tissue_threshold": self.tissue_threshold,
                 "min_tissue_fraction": self.min_tissue_fraction, "geojson": self.geojson, "simplify": self.simplify,
                 "min_object_area": self.min_object_area, "image_scale": getattr(self.inferer, "scale", 1.0),
-                "window_grid": "slide" if self.plan is not None else "tile"}
+                "window_grid": "slide" if self.plan is not None else "tile",
+                "skip_background_windows": self._skips_windows()}
+
+    def _skips_windows(self) -> bool:
+        return self.plan is not None and self.tissue_detection and self.skip_background_windows
+
+    def _window_wanted(self, tissue: np.ndarray) -> Callable[[int, int, int, int], bool]:
+        """Whether a window's box (processing-grid pixels) has tissue under it, on the thumbnail grown by a pixel."""
+        from scipy.ndimage import binary_dilation
+
+        grown, down = binary_dilation(tissue, iterations=1), self.tissue_downsample
+
+        def wanted(top: int, left: int, bottom: int, right: int) -> bool:
+            block = grown[max(top, 0) // down:math.ceil(bottom / down), max(left, 0) // down:math.ceil(right / down)]
+            return bool(block.any())
+        return wanted
 
     def _done(self, slide_path: str, outputs: dict[str, Path]) -> dict | None:
         """The summary of an earlier run with the same settings whose outputs all exist, else None."""
@@ -267,8 +309,10 @@ class SlideSegmenter:
         seconds = {"read": 0.0, "read_wait": 0.0, "segment": 0.0}
         shared = None
         if self.plan is not None:
+            wanted = self._window_wanted(tissue) if self._skips_windows() and tissue is not None else None
             shared = SharedWindowTiles(self.plan, self._predict, self._read_normalized(slide, level, factor), grid,
-                                       tile, {(top // tile, left // tile) for top, left in todo}, self.num_classes)
+                                       tile, {(top // tile, left // tile) for top, left in todo}, self.num_classes,
+                                       wanted)
 
         def read(top: int, left: int):
             start = time.perf_counter()
@@ -282,8 +326,9 @@ class SlideSegmenter:
 
         bar = tqdm(total=len(corners), desc=name, unit="tile", disable=not self.progress, file=sys.stderr,
                    mininterval=2.0)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-reader") as reader:
-            reads = {}  # the next tissue tile's region is read while this one is segmented
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-reader") if self.read_ahead \
+                else _Inline() as reader:
+            reads = {}
 
             def ask(index: int) -> None:
                 if index < len(todo):
@@ -299,9 +344,9 @@ class SlideSegmenter:
                 if (top, left) in reads:
                     start = time.perf_counter()
                     region = reads.pop((top, left)).result()
-                    seconds["read_wait"] += time.perf_counter() - start
                     segmented += 1
-                    ask(segmented)
+                    ask(segmented)  # on the CPU this reads the next region now: waited for as well
+                    seconds["read_wait"] += time.perf_counter() - start
                     start = time.perf_counter()
                     if shared is not None:
                         labels = shared.segment(top // tile, left // tile, region)
@@ -323,7 +368,9 @@ class SlideSegmenter:
                     pending.cancel()
         return {"tiles": len(corners), "tiles_segmented": segmented,
                 "tiles_skipped_background": len(corners) - segmented, "counts": counts,
-                "windows": shared.windows_computed if shared is not None else None, "seconds": seconds}
+                "windows": shared.windows_computed if shared is not None else None,
+                "windows_skipped_background": shared.windows_skipped if shared is not None else None,
+                "seconds": seconds}
 
     def _read_normalized(self, slide, level: int, factor: float) -> Callable[[int, int, int, int], torch.Tensor]:
         def read(top: int, left: int, height: int, width: int) -> torch.Tensor:

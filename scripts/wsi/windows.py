@@ -13,6 +13,9 @@ grid shrunk by the inferer's ``image_scale``), and segments the tiles in storage
   (bilinear, with one network pixel of margin so tile borders interpolate as the inside does) and turned into
   labels.
 
+With tissue detection on, a window with no tissue under it (on the tissue thumbnail, grown by one thumbnail pixel)
+is not computed at all; pixels that no computed window covers are background.
+
 The result is the bundle's sliding window over the whole slide at once (Gaussian blending across tile borders,
 no seams), at the cost of the windows that cover tissue. Memory holds the pending sums of about one row of
 tissue tiles (classes + 1 floats per network pixel of a tile and its margin), not the slide.
@@ -111,17 +114,22 @@ class SharedWindowTiles:
         tile: the tile size, processing-grid pixels.
         tissue: the (row, column) of every tile that will be segmented; the others get no sums.
         num_classes: the network's output channels.
+        wanted: ``wanted(top, left, bottom, right)`` of a window's box on the processing grid: False skips the
+            window (no tissue under it). Pixels that no computed window covers are background. Defaults to None
+            (every window is computed).
     """
 
     def __init__(self, plan: WindowPlan, predict: Callable[[torch.Tensor], torch.Tensor],
                  read: Callable[[int, int, int, int], torch.Tensor], grid: tuple[int, int], tile: int,
-                 tissue: set[tuple[int, int]], num_classes: int):
-        self.plan, self.predict, self.read = plan, predict, read
+                 tissue: set[tuple[int, int]], num_classes: int,
+                 wanted: Callable[[int, int, int, int], bool] | None = None):
+        self.plan, self.predict, self.read, self.wanted = plan, predict, read, wanted
         self.grid, self.tile, self.tissue, self.num_classes = grid, tile, set(tissue), num_classes
         self.tile_net = tile // plan.step
         self._pending: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self._done: set[tuple[int, int]] = set()
         self.windows_computed = 0
+        self.windows_skipped = 0
 
     def margin_box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """The tile's box on the network grid with one pixel of margin (none above / left of the slide)."""
@@ -154,6 +162,11 @@ class SharedWindowTiles:
             for kx in _starts(x0, x1, rx, sx):
                 if (ky, kx) not in self._done:
                     self._done.add((ky, kx))
+                    step = self.plan.step
+                    if self.wanted is not None and not self.wanted(ky * sy * step, kx * sx * step,
+                                                                   (ky * sy + ry) * step, (kx * sx + rx) * step):
+                        self.windows_skipped += 1
+                        continue
                     oy, ox = ky * sy - origin_y, kx * sx - origin_x
                     yield (ky * sy, kx * sx), region[:, oy:oy + ry, ox:ox + rx]
 
@@ -208,8 +221,12 @@ class SharedWindowTiles:
                 batch = []
         if batch:
             self._run(batch)
-        sums, weights, oy, ox = self._pending.pop((row, col))
+        y0, x0, y1, x1 = self.margin_box(row, col)
+        empty = (torch.zeros(self.num_classes, y1 - y0, x1 - x0), torch.zeros(y1 - y0, x1 - x0), y0, x0)
+        sums, weights, oy, ox = self._pending.pop((row, col), empty)  # no window wanted: all background
         logits = sums / weights.clamp_min(1e-12)
+        if self.wanted is not None:  # where no window was computed: background (class 0 wins the tie at 0)
+            logits[0][weights == 0] = 1.0
         step = self.plan.step
         if step > 1:
             logits = F.interpolate(logits[None], scale_factor=step, mode="bilinear", align_corners=False)[0]
