@@ -13,7 +13,8 @@ Prints, one JSON line each as it goes, then as a Markdown table:
    windows per second, GFLOP/s (``torch.utils.flop_counter`` count per window) and that rate's ratio to the
    matrix product, for PyTorch (default memory order and channels-last) and ONNX Runtime float32 and int8 (CPU).
 3. ``slide``: ``inference.json`` + ``inference_wsi.json`` (+ ``--recipe``) end to end on the generated demo slide
-   (3072 x 4096, ten 1024 x 1024 tissue tiles), each run in a fresh ``monai.bundle run`` process: seconds for
+   (3072 x 4096, ten 1024 x 1024 tissue tiles; ``--slide`` names another), each run in a fresh ``monai.bundle run``
+   process: seconds for
    the slide (reading, tissue detection, windows, TIFF pyramid and GeoJSON; the process's start and the model's
    load are in ``command_s``), tissue megapixels per second (segmented tiles' area / slide seconds), the shares of
    reading (waited for; reads run on a thread beside the network), segmenting and writing, windows computed,
@@ -23,11 +24,17 @@ Prints, one JSON line each as it goes, then as a Markdown table:
 Without ``--ckpt`` the network is the recipe's (or ``inference.json``'s default) with random weights, which run
 as fast as trained ones; without ``--onnx`` it is exported here, and without ``--int8_onnx`` quantised here on
 windows of the demo slide (speed only: ``export-onnx --int8`` measures an int8 model's accuracy).
+
+``--datalist FILE --ckpt model.pt [--preset bundle/configs/datasets/glas.json]`` adds ``accuracy``: the labelled
+``test`` images of the datalist, each written as a one-level TIFF and segmented through the whole-slide path tile
+by tile, on the shared window grid, and on it with overlap 0.125: mean Dice of the gland class and pixel agreement
+with the tile-by-tile masks.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -96,7 +103,8 @@ def _measure_slide(configs, bundle_root, slide, workdir, name, overrides, tile, 
     with open(os.path.join(out, f"{os.path.splitext(os.path.basename(slide))[0]}_summary.json")) as handle:
         summary = json.load(handle)
     timing, seconds = summary["timing"], summary["seconds"]
-    tissue_mpx = summary["tiles_segmented"] * tile * tile / 1e6
+    # area of the segmented tiles (edge tiles of a slide whose size is not a multiple of the tile are smaller)
+    tissue_mpx = min(summary["tiles_segmented"] * tile * tile, math.prod(summary["mask_shape"])) / 1e6
     writing = seconds - timing["tissue_detection"] - timing["read_wait"] - timing["segment"]
     return {
         "kind": "slide", "name": name, "tiles": summary["tiles_segmented"], "windows": summary.get("windows"),
@@ -161,7 +169,7 @@ def accuracy(datalist: str, ckpt: str, recipe: str, workdir: str, settings: list
 
 def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: str = "", int8_onnx: str = "",
          seconds: float = 5.0, workdir: str = "", backends: str = "pytorch,onnx,onnx-int8",
-         slides: bool = True, datalist: str = "", preset: str = "") -> None:
+         slides: bool = True, datalist: str = "", preset: str = "", slide: str = "") -> None:
     """Prints the figures as JSON lines, then a Markdown table (see the module's docstring)."""
     import numpy as np
     import torch
@@ -171,6 +179,9 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
     from scripts.networks import load_trained_weights, model_record, network_from_record, stored_record
     from scripts.wsi import demo_slide
 
+    from scripts.config import as_bool
+
+    slides = as_bool(slides, "slides")
     workdir = workdir or tempfile.mkdtemp(prefix="mpamatch_throughput_")
     recipe = str(REPO / recipe) if recipe and not os.path.isabs(recipe) else recipe
     rows = []
@@ -239,7 +250,7 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
               "ratio_to_matmul": round(rate * gflop / start_matmul, 3)})
 
     if slides:
-        slide = demo_slide(os.path.join(workdir, "slides"))
+        slide = slide or demo_slide(os.path.join(workdir, "slides"))
         configs = [str(config_path("inference.json")), str(config_path("inference_wsi.json"))]
         configs += [recipe] if recipe else []
         with open(config_path("inference_wsi.json")) as handle:
@@ -256,9 +267,17 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
         for name, overrides in runs:
             emit(_measure_slide(configs, bundle_root, slide, workdir, name, overrides, tile, start_matmul))
 
+    if datalist:
+        if not ckpt:
+            raise SystemExit("--datalist measures the Dice of a trained model: give --ckpt models/model.pt too.")
+        settings = [{"wsi_shared_windows": False}, {"wsi_shared_windows": True},
+                    {"wsi_shared_windows": True, "sw_overlap": 0.125}]
+        for row in accuracy(datalist, ckpt, recipe, workdir, settings, preset=preset):
+            rows.append(row)
+
     end_matmul = _matmul_gflops()
     emit({"kind": "matmul", "name": "end", "gflops": round(end_matmul, 1)})
-    for kind in ("windows", "slide"):
+    for kind in ("windows", "slide", "accuracy"):
         chosen = [row for row in rows if row["kind"] == kind]
         if not chosen:
             continue
