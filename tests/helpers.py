@@ -3,6 +3,8 @@
 Test files import from here (never from each other); fixtures live in conftest.py.
 """
 
+import contextlib
+import ctypes
 import os
 import subprocess
 import sys
@@ -95,16 +97,18 @@ def subprocess_env(**extra):
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **extra}
 
 
-def run_python(args, cwd=REPO, repo_on_path=True, env=None):
+def run_python(args, cwd=REPO, repo_on_path=True, env=None, file_permissions=False):
     """Runs ``python <args>`` offline in ``cwd`` (the repository root by default); returns the completed process.
 
     ``repo_on_path=False`` leaves the repository off ``PYTHONPATH``, so a packed bundle imports its own scripts/.
-    ``env``: more environment variables for the subprocess.
+    ``env``: more environment variables for the subprocess. ``file_permissions=True``: file permissions apply to
+    the subprocess even as root (``drop_root_file_access``).
     """
     env = subprocess_env(**(env or {}))
     if not repo_on_path:
         env.pop("PYTHONPATH")
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600, preexec_fn=drop_root_file_access if file_permissions else None)
 
 
 # A tiny MPAMatch run on the demo fixture: 4 unlabeled images in batches of 2 make 2 iterations an epoch; 3 epochs,
@@ -252,3 +256,58 @@ def clip_prompt_features(prompts):
     params = {k: v for k, v in prompts.model.state_dict().items() if not k.endswith("ctx")}
     heads = prompts.model.transformer.resblocks[0].attn.num_heads
     return clip_encode_text(params, prompts.token_ids, heads, ctx=prompts.ctx)
+
+
+# Root reads a file of mode 000 through two capabilities. Tests of unreadable files lower them, so that they run
+# under root too (CI runs as root): in this process for the duration of a block, and in subprocesses for good.
+_DAC_CAPABILITIES = (1, 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+_PR_CAPBSET_DROP = 24
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def without_root_file_access():
+    """Within the block this thread cannot read past file permissions, even as root (Linux capabilities).
+
+    Yields whether file permissions now apply to it: True for a user other than root, or as root once the two
+    capabilities are lowered; False where they cannot be (not Linux)."""
+    if os.geteuid() != 0:
+        yield True
+        return
+    try:
+        libc, header, data = _libc(), _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+        if libc.capget(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), "capget")
+    except (OSError, AttributeError):
+        yield False
+        return
+    saved = data[0].effective
+    data[0].effective &= ~sum(1 << cap for cap in _DAC_CAPABILITIES)
+    if libc.capset(ctypes.byref(header), data) != 0:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(header), data)
+
+
+def drop_root_file_access() -> None:
+    """``preexec_fn`` of a subprocess that must not read past file permissions, even as root."""
+    if os.geteuid() == 0:
+        libc = _libc()
+        for cap in _DAC_CAPABILITIES:
+            libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)

@@ -55,7 +55,7 @@ def test_throughput_measures_windows_and_slides_end_to_end(tmp_path, capsys):
     assert set(windows) == {"pytorch", "pytorch-channels-last"}
     for row in windows.values():
         assert row["windows_per_s"] > 0 and row["roi"] == [32, 32] and row["gflop_per_window"] > 0
-        assert row["gflops"] == pytest.approx(row["windows_per_s"] * row["gflop_per_window"], rel=0.01)
+        assert row["gflops"] == pytest.approx(row["windows_per_s"] * row["gflop_per_window"], rel=0.01, abs=0.06)
     slides = {r["name"]: r for r in rows if r["kind"] == "slide"}
     assert set(slides) == {"pytorch", "pytorch-per-tile", "pytorch-tta", "pytorch-tta-per-tile"}
     assert slides["pytorch"]["windows"] > 0 and slides["pytorch-per-tile"]["windows"] is None
