@@ -28,17 +28,17 @@ import fire
 
 from scripts.paths import config_path
 
-__all__ = ["main"]
+__all__ = ["main", "network_config"]
 
 
-def _network_config(encoder_name: str, recipe: str = ""):
-    """inference.json, with ``recipe`` merged over it when given, else with ``encoder_name``."""
+def network_config(encoder_name: str | None, recipe: str = ""):
+    """inference.json, with ``recipe`` merged over it when given, else with ``encoder_name`` (None: the config's)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     config = str(config_path("inference.json"))
     parser.read_config([config, recipe] if recipe else config)
-    if not recipe:
+    if not recipe and encoder_name:
         parser["encoder_name"] = encoder_name
     # the network asked for, with random weights: never the record of a trained models/model.pt
     parser["model_settings"] = "$@model_record"
@@ -52,7 +52,7 @@ def _measure(backend: str, kind: str, encoder_name: str, tiles: int, repeats: in
     from scripts.deploy import OnnxSegmenter
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    parser = _network_config(encoder_name, recipe)
+    parser = network_config(encoder_name, recipe)
     network = parser.get_parsed_content("network_def").eval().to(device)
     # ONNX Runtime: its CUDA provider when CUDA is there (onnxruntime-gpu), else the CPU one; int8 runs on the CPU
     providers = ["CPUExecutionProvider"] if backend == "onnx-int8" else None
@@ -104,7 +104,7 @@ def main(encoder_name: str = "vit_small", tiles: int = 32, repeats: int = 2, amp
     from scripts.deploy.quantize import quantize_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        parser = _network_config(encoder_name, recipe)
+        parser = network_config(encoder_name, recipe)
         onnx_path = os.path.join(tmp, "model.onnx")
         export_onnx(parser.get_parsed_content("network_def"), onnx_path, example_size=(2, 3, tile_size, tile_size))
         paths = {"pytorch": onnx_path, "onnx": onnx_path}

@@ -44,6 +44,7 @@ import time
 
 import fire
 
+from scripts.benchmarks.inference import network_config
 from scripts.paths import REPO, config_path
 
 __all__ = ["main"]
@@ -60,15 +61,6 @@ def _matmul_gflops(seconds: float = 3.0) -> float:
         a @ b
         count += 1
     return 2 * 2048 ** 3 * count / (time.perf_counter() - start) / 1e9
-
-
-def _parser(recipe: str):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(config_path("inference.json"))] + ([recipe] if recipe else []))
-    parser["model_settings"] = "$@model_record"  # the recipe's network, never the record of the bundle's model.pt
-    return parser
 
 
 def _window_rate(run, batch, seconds: float) -> float:
@@ -194,7 +186,7 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
     emit({"kind": "matmul", "name": "start", "gflops": round(start_matmul, 1),
           "torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count()})
 
-    parser = _parser(recipe)
+    parser = network_config(None, recipe)
     record = stored_record(ckpt, "--ckpt") if ckpt else None
     record = record or parser.get_parsed_content("model_settings")
     network = network_from_record(record).eval()

@@ -215,7 +215,7 @@ def describe_int8(figures: Mapping[str, Any]) -> str:
 
 
 def _op_types(ops: str | Sequence[str]) -> tuple[str, ...]:
-    chosen = tuple(o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if str(o).strip())
+    chosen = tuple(str(o).strip() for o in _section_list(ops) if str(o).strip())
     unknown = [o for o in chosen if o not in INT8_OP_TYPES]
     if not chosen or unknown:
         raise ConfigError(f"--int8_ops {ops!r}: give one or more of {', '.join(INT8_OP_TYPES)}, comma-separated "

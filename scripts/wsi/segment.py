@@ -184,8 +184,9 @@ class SlideSegmenter:
             normalize = NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN_255, divisor=IMAGENET_STD_255,
                                             channel_wise=True)
         self.normalize = normalize
-        self.plan = window_plan(inferer, self.tile_size) if as_bool(shared_windows, "wsi_shared_windows") else None
-        if as_bool(shared_windows, "wsi_shared_windows") and self.plan is None:
+        shared_windows = as_bool(shared_windows, "wsi_shared_windows")
+        self.plan = window_plan(inferer, self.tile_size) if shared_windows else None
+        if shared_windows and self.plan is None:
             logger.info("Tiles are segmented one by one with a margin of %d pixels: the inferer is not the bundle's "
                         "sliding window at a scale of 1/n, or a window is larger than a tile.", self.halo)
         self._channels_last = False
