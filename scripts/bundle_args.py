@@ -8,7 +8,8 @@ MONAI adds a key that no config file defines as a new, unused item, so a misspel
 a random encoder without a word. No code of ours runs before the configs are parsed, so the configs call in here:
 
 - ``check_command_line_keys`` (in every config's ``initialize``, and for MONAI's export commands when the model
-  settings are read) refuses a key that no config file of the command defines;
+  settings are read) refuses a key that no config file of the command defines, and, for inference (a config that
+  defines ``model_overrides``), a network, window or label key, which the model's record decides;
 - ``scripts.deploy.export_checkpoint`` reads the ``--ckpt_file`` that MONAI's export commands keep to themselves.
 
 Nothing else reads the command line: which value wins between a trained model's record and the config is decided
@@ -136,14 +137,25 @@ class BundleArguments:
         """Names of the command's own arguments (not config keys)."""
         return _own_arguments(self.command)
 
-    def check_keys(self) -> None:
-        """Refuses the config keys set that no config file of the command defines (see
-        ``check_command_line_keys``)."""
+    def check_keys(self, record_keys: Sequence[str] = ()) -> None:
+        """Refuses the config keys set that no config file of the command defines, and ``record_keys`` where the
+        configs define ``model_overrides`` (see ``check_command_line_keys``)."""
         defined = self.defined_keys()
+        record_keys = set(record_keys) if "model_overrides" in defined else set()  # inference: the record decides
+        given = sorted(self.keys & record_keys)
+        if given:
+            example = ", ".join(f"'{key}': ..." for key in given)
+            raise ConfigError(
+                f"{', '.join('--' + key for key in given)}: inference takes the network, window and class "
+                "names from the trained model's record (model.pt, or the ONNX file's metadata), so the run "
+                f"would ignore {'it' if len(given) == 1 else 'them'}. To rename the classes, or for a model "
+                "file written before records existed, give them in model_overrides instead: "
+                f"--model_overrides \"{{{example}}}\"."
+            )
         unknown = sorted(self.keys - defined)
         if not unknown:
             return
-        candidates = defined | self.own_arguments()
+        candidates = defined | self.own_arguments() | record_keys
         described = [f"--{key} ({closest_keys(key, candidates)})" for key in unknown]
         one = len(unknown) == 1
         raise ConfigError(
@@ -229,7 +241,7 @@ def bundle_arguments(argv: Sequence[str] | None = None) -> BundleArguments | Non
     return parse_bundle_arguments(argv[1:])
 
 
-def check_command_line_keys(argv: Sequence[str] | None = None) -> None:
+def check_command_line_keys(argv: Sequence[str] | None = None, record_keys: Sequence[str] = ()) -> None:
     """Refuses config keys on the ``python -m monai.bundle`` command line that no config file of the command
     defines (MONAI would add them unused, and the run would ignore them). Does nothing in a process not started
     through ``monai.bundle``.
@@ -242,6 +254,8 @@ def check_command_line_keys(argv: Sequence[str] | None = None) -> None:
 
     Args:
         argv: a whole command line, program first. Defaults to ``sys.argv``.
+        record_keys: the keys of a model's record (``scripts.networks.RECORD_KEYS``). An inference config (one that
+            defines ``model_overrides``) refuses them: the trained model's record decides them.
 
     Raises:
         ConfigError: naming each unknown key and the closest defined keys and arguments (``--encoder_weight``:
@@ -250,4 +264,4 @@ def check_command_line_keys(argv: Sequence[str] | None = None) -> None:
     arguments = bundle_arguments(argv)
     if arguments is not None:
         install_excepthook()
-        arguments.check_keys()
+        arguments.check_keys(record_keys)

@@ -91,6 +91,22 @@ def tiny_network():
                         skip_channels=(16, 8, 8), decoder_channels=(16, 16, 8, 8), embed_dim=512).eval()
 
 
+def tiny_record(**changes) -> dict:
+    """The record training writes into model.pt for ``tiny_network()`` (window 32 x 32), with ``changes``."""
+    from scripts.networks import model_record
+
+    return model_record(**{"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
+                           "decoder_channels": [16, 16, 8, 8], "roi_size": [32, 32], **changes})
+
+
+def save_tiny_model(path, record: dict | None = None, network=None) -> Path:
+    """``tiny_network()`` (or ``network``) saved at ``path`` as training saves it: weights and record."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": (network or tiny_network()).state_dict(), "config": record or tiny_record()}, path)
+    return path
+
+
 def subprocess_env(**extra):
     """The environment of a test's subprocess: this process's environment as it is now (so variables a test sets
     with ``monkeypatch.setenv`` reach the subprocess), offline, the repository on ``PYTHONPATH``, then ``extra``."""

@@ -25,7 +25,7 @@ from PIL import Image
 from scripts.data import checked_datalist
 from scripts.data.adapters import folder_datalist
 from scripts.errors import ConfigError
-from tests.helpers import NET_ARGS, run_python, tiny_network, without_root_file_access
+from tests.helpers import NET_ARGS, run_python, save_tiny_model, tiny_network, tiny_record, without_root_file_access
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
@@ -201,10 +201,10 @@ def datalist(corpus) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A random tiny network (2 classes) saved as model.pt."""
+    """A random tiny network (2 classes) saved as model.pt with its record, as training saves it."""
     network = tiny_network()
     folder = tmp_path_factory.mktemp("model")
-    torch.save({"model": network.state_dict()}, folder / "model.pt")
+    save_tiny_model(folder / "model.pt", network=network)
     return network, folder
 
 
@@ -289,10 +289,15 @@ def evaluated(datalist, checkpoint, tmp_path_factory):
     """Two runs of evaluate.json: a 3-class one that must stop, and a binary one with drop_invalid."""
     _, models = checkpoint
     out = tmp_path_factory.mktemp("evaluation")
-    common = ["-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, "--datalist", datalist, *TINY_NET,
-              "--ckpt_dir", models, "--output_dir", out / "runs"]
-    stopped = run([*common, "--eval_dir", out / "stopped", "--num_classes", 3])
-    dropped = run([*common, "--eval_dir", out / "dropped", "--drop_invalid", "true"])
+    common = ["-m", "monai.bundle", "run", "evaluating", "--config_file", EVALUATE, "--datalist", datalist,
+              "--output_dir", out / "runs"]
+    # 3 classes contradict the model's record, so this one reads a file without a record, with the network keys
+    legacy = out / "legacy"
+    legacy.mkdir()
+    torch.save({"model": checkpoint[0].state_dict()}, legacy / "model.pt")
+    stopped = run([*common, *TINY_NET, "--ckpt_dir", legacy, "--eval_dir", out / "stopped", "--num_classes", 3])
+    # the network and window from the model's record: no network key repeated
+    dropped = run([*common, "--ckpt_dir", models, "--eval_dir", out / "dropped", "--drop_invalid", "true"])
     assert dropped.returncode == 0, dropped.stderr[-3000:]
     with open(out / "dropped" / "per_image.csv") as handle:
         rows = {Path(row["image"]).name: row for row in csv.DictReader(handle)}
@@ -330,7 +335,7 @@ def test_evaluation(evaluated, corpus, datalist, name, outcome):
 def inferred(corpus, checkpoint, tmp_path_factory):
     _, models = checkpoint
     out = tmp_path_factory.mktemp("inference")
-    result = run(["-m", "monai.bundle", "run", "inference", "--config_file", CONFIGS / "inference.json", *TINY_NET,
+    result = run(["-m", "monai.bundle", "run", "inference", "--config_file", CONFIGS / "inference.json",
                   "--input_dir", corpus / "images", "--ckpt_path", models / "model.pt", "--output_dir", out])
     return result, out
 
@@ -367,9 +372,10 @@ def onnx_app(corpus, checkpoint, tmp_path_factory):
 
     network, _ = checkpoint
     folder = tmp_path_factory.mktemp("onnx")
-    model = export_onnx(network, folder / "model.onnx", example_size=(2, 3, 32, 32), check_sizes=[(1, 3, 32, 48)])
+    model = export_onnx(network, folder / "model.onnx", example_size=(2, 3, 32, 32), check_sizes=[(1, 3, 32, 48)],
+                        record=tiny_record())
     loader = ImageFolderLoader(corpus / "images")
-    segmenter = TiledOnnxSegmenter(model, {"roi_size": [32, 32]})
+    segmenter = TiledOnnxSegmenter(model)
     writer = MaskWriter(folder / "masks")
     loaded = {Path(path).name: loader.load(path) for path in loader.paths}
     for image in loaded.values():

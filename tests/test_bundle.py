@@ -214,16 +214,54 @@ def test_model_records_its_network_and_refuses_contradicting_overrides(trained, 
     assert record == {"num_classes": 2, "encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "n_skip": 3,
                       "skip_channels": [16, 8, 8], "decoder_channels": [16, 16, 8, 8], "embed_dim": record["embed_dim"],
                       "hybrid": False, "roi_size": [32, 32], "image_scale": 1.0, "class_names": ["background", "gland"]}
+    # evaluation: a chosen value that contradicts the record is refused, naming both
     result = run_bundle(
-        "inference", INFERENCE, "--input_dir", Path(demo_data).parent / "test" / "images",
-        "--encoder_name", "vit_tiny_reg_p14", "--roi_size", "[64,64]", "--ckpt_path", out / "models" / "model.pt",
-        "--output_dir", tmp_path / "masks", check=False,
+        "evaluating", EVALUATE, "--datalist", demo_data, "--encoder_name", "vit_tiny_reg_p14", "--roi_size", "[64,64]",
+        "--ckpt_dir", out / "models", "--output_dir", tmp_path / "runs", "--eval_dir", tmp_path / "eval", check=False,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert (f"ERROR: Model '{out / 'models' / 'model.pt'}' was trained with encoder_name='vit_tiny', roi_size=[32, 32], "
             "but this run asks for encoder_name='vit_tiny_reg_p14', roi_size=[64, 64]. The model rebuilds its own "
             "network and window: drop --encoder_name, --roi_size") in result.stderr
+    assert not (tmp_path / "eval").exists()
+    # inference lists no network key: one on its command line is refused before anything runs
+    result = run_bundle(
+        "inference", INFERENCE, "--input_dir", Path(demo_data).parent / "test" / "images",
+        "--encoder_name", "vit_tiny_reg_p14", "--ckpt_path", out / "models" / "model.pt",
+        "--output_dir", tmp_path / "masks", check=False,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert ("ERROR: --encoder_name: inference takes the network, window and class names from the trained model's "
+            "record") in result.stderr and "--model_overrides \"{'encoder_name': ...}\"" in result.stderr
     assert not (tmp_path / "masks").exists()
+    # ... and in model_overrides, a contradiction is refused by the same rule as evaluation
+    result = run_bundle(
+        "inference", INFERENCE, "--input_dir", Path(demo_data).parent / "test" / "images",
+        "--model_overrides", "{'roi_size': [64, 64]}", "--ckpt_path", out / "models" / "model.pt",
+        "--output_dir", tmp_path / "masks", check=False,
+    )
+    assert "was trained with roi_size=[32, 32], but this run asks for roi_size=[64, 64]" in result.stderr
+    assert result.returncode != 0 and not (tmp_path / "masks").exists()
+
+
+def test_fine_tuning_takes_the_network_and_window_from_init_weights(trained, demo_data, tmp_path):
+    """--init_weights with train.json's defaults: the network and window are the trained model's (none of the
+    tiny network's keys repeated), the fine-tuned model records them again, and its evaluation needs none either."""
+    out, _ = trained
+    start = out / "models" / "model.pt"
+    result = run_bundle(
+        "training", TRAIN, "--datalist", demo_data, "--init_weights", start, "--labeled_batch_size", 2,
+        "--unlabeled_batch_size", 2, "--text_cfg", "{'layers': 1}", "--ckpt_dir", tmp_path / "models",
+        "--output_dir", tmp_path / "runs", "--num_epochs", 1,
+    )
+    log = result.stdout + result.stderr
+    assert f"Network initialised from {start}" in log and "encoder_name='vit_tiny'" in log
+    before = torch.load(start, map_location="cpu", weights_only=True)["config"]
+    after = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["config"]
+    assert after == before and after["roi_size"] == [32, 32]
+    evaluated = run_bundle("evaluating", EVALUATE, "--datalist", demo_data, "--ckpt_dir", tmp_path / "models",
+                           "--output_dir", tmp_path / "runs", "--eval_dir", tmp_path / "eval")
+    assert evaluated.returncode == 0 and (tmp_path / "eval" / "summary.json").is_file()
 
 
 @pytest.mark.parametrize(

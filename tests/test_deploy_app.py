@@ -18,13 +18,14 @@ from scripts.deploy import export_onnx
 from scripts.deploy.app import ImageFolderLoader, MaskWriter, TiledOnnxSegmenter, resolve_model_path
 from scripts.deploy.app.stage import stage_app
 from scripts.errors import ConfigError
-from tests.helpers import NET_ARGS, REPO, run_python, subprocess_env, tiny_network
+from tests.helpers import REPO, run_python, subprocess_env, tiny_network
 
 APP = REPO / "scripts" / "deploy" / "app"
 ROI = [32, 32]
-# The tiny network's keys (NET_ARGS) as inference.json overrides, for the model exported without its record.
-NET_SETTINGS = {"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
-                "decoder_channels": [16, 16, 8, 8]}
+# The tiny network's keys and window, for the model exported without its record: inference.json's model_overrides.
+LEGACY = {"model_overrides": {"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
+                              "decoder_channels": [16, 16, 8, 8], "roi_size": ROI}}
+LEGACY_ARGS = ["--model_overrides", json.dumps(LEGACY["model_overrides"])]
 try:
     import monai.deploy.core  # noqa: F401
 
@@ -35,7 +36,8 @@ except ImportError as error:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A random tiny network exported (with its parity check) to model.onnx."""
+    """A random tiny network exported (with its parity check) to model.onnx without a record, as older versions
+    exported: its window comes from ``model_overrides``."""
     return export_onnx(tiny_network(), tmp_path_factory.mktemp("model") / "model.onnx", example_size=(2, 3, 64, 96))
 
 
@@ -70,7 +72,7 @@ def bundle_masks(model, images, tmp_path_factory):
     """Masks of the bundle's own inference (inference.json, ONNX backend) on the same images and window."""
     out = tmp_path_factory.mktemp("bundle_masks")
     result = run_python(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
-                  *NET_ARGS, "--roi_size", json.dumps(ROI), "--input_dir", images, "--backend", "onnx",
+                  *LEGACY_ARGS, "--input_dir", images, "--backend", "onnx",
                   "--onnx_path", model, "--output_dir", out])
     assert result.returncode != 0 and "broken.png" in result.stderr, result.stderr[-3000:]
     masks = read_masks(out)
@@ -80,7 +82,7 @@ def bundle_masks(model, images, tmp_path_factory):
 
 def test_operators_compute_writes_the_bundle_masks(model, images, bundle_masks, tmp_path):
     loader = ImageFolderLoader(images)
-    segmenter = TiledOnnxSegmenter(model, {"roi_size": ROI})
+    segmenter = TiledOnnxSegmenter(model, LEGACY)
     writer = MaskWriter(tmp_path, num_classes=2)
     written = [writer(image, segmenter(image)) for image in map(loader.load, loader.paths)]
     assert sorted(p.name for p in written) == sorted(bundle_masks)
@@ -154,22 +156,29 @@ def test_bad_model_path_is_named(model, tmp_path):
     nested.mkdir(parents=True)
     (nested / "model.onnx").write_bytes(model.read_bytes())
     assert resolve_model_path(tmp_path / "models") == nested / "model.onnx"
-    with pytest.raises(ConfigError, match="roi_size"):
-        TiledOnnxSegmenter(model, {"roi_size": [32]})
+    with pytest.raises(ConfigError, match=r"roi_size=\[32\] \(app.yaml, section 'inference', model_overrides\)"):
+        TiledOnnxSegmenter(model, {"model_overrides": {"roi_size": [32]}})
+    with pytest.raises(ConfigError, match=r"Inference settings \['roi_size'\]: the network, window and class names "
+                                          r"come from the model's record \(model.onnx\)\. .*under 'model_overrides'"):
+        TiledOnnxSegmenter(model, {"roi_size": ROI})
+    with pytest.raises(ConfigError, match=r"Unknown inference settings: 'sw_batch_sise' \(did you mean sw_batch_size"):
+        TiledOnnxSegmenter(model, {"sw_batch_sise": 8})
+    with pytest.raises(ConfigError, match=r"'model_overrides' has \['overlap'\], which are not network, window"):
+        TiledOnnxSegmenter(model, {"model_overrides": {"overlap": 0.5}})
 
 
 def test_post_processing_keys_reach_the_app_as_in_the_bundle(model, images, tmp_path):
     """app.yaml's ``inference`` keys are inference.json keys: the GlaS post-processing gives the bundle's masks."""
     post = {"min_object_size": 1000, "fill_holes": True}  # the 21 x 40 image (840 px) loses its object
     result = run_python(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
-                         *NET_ARGS, "--roi_size", json.dumps(ROI), "--input_dir", images, "--backend", "onnx",
+                         *LEGACY_ARGS, "--input_dir", images, "--backend", "onnx",
                          "--onnx_path", model, "--output_dir", tmp_path / "bundle", "--min_object_size", 1000,
                          "--fill_holes", "true"])
     assert "broken.png" in result.stderr, result.stderr[-3000:]
     expected = read_masks(tmp_path / "bundle")
     loader = ImageFolderLoader(images)
-    segmenter = TiledOnnxSegmenter(model, {"roi_size": ROI, **post})
-    plain = TiledOnnxSegmenter(model, {"roi_size": ROI})
+    segmenter = TiledOnnxSegmenter(model, {**LEGACY, **post})
+    plain = TiledOnnxSegmenter(model, LEGACY)
     writer = MaskWriter(tmp_path / "app", num_classes=segmenter.num_classes)
     changed = 0
     for image in map(loader.load, loader.paths):
@@ -207,7 +216,7 @@ def test_stage_writes_the_map_source_folder(tmp_path):
 
 def test_application_end_to_end(sdk, model, images, bundle_masks, tmp_path, monkeypatch):
     settings = yaml.safe_load((APP / "app.yaml").read_text())
-    settings["inference"] = {"roi_size": ROI, **NET_SETTINGS}
+    settings["inference"] = LEGACY
     (tmp_path / "app.yaml").write_text(yaml.safe_dump(settings))
     monkeypatch.setenv("HOLOSCAN_CONFIG_PATH", str(tmp_path / "app.yaml"))
     result = run_python(["-m", "scripts.deploy.app", "-i", images, "-o", tmp_path / "out", "-m", model])
@@ -232,7 +241,7 @@ def test_staged_folder_runs_as_in_a_map(sdk, model, images, bundle_masks, tmp_pa
     (tmp_path / "models" / "gland").mkdir(parents=True)
     (tmp_path / "models" / "gland" / "model.onnx").write_bytes(model.read_bytes())
     settings = yaml.safe_load((staged / "app.yaml").read_text())
-    settings["inference"] = {"roi_size": ROI, **NET_SETTINGS}
+    settings["inference"] = LEGACY
     (staged / "app.yaml").write_text(yaml.safe_dump(settings))
     env = {"PYTHONPATH": "", "HOLOSCAN_CONFIG_PATH": str(staged / "app.yaml"), "HOLOSCAN_INPUT_PATH": str(images),
            "HOLOSCAN_OUTPUT_PATH": str(tmp_path / "out"), "HOLOSCAN_MODEL_PATH": str(tmp_path / "models")}

@@ -249,13 +249,13 @@ def test_a_sharded_slide_run_segments_each_slide_once_as_one_process(tmp_path):
     import tifffile
 
     from scripts.wsi import write_synthetic_slide
-    from tests.helpers import NET_ARGS, tiny_network
+    from tests.helpers import save_tiny_model, tiny_record
 
     slides = tmp_path / "slides"
     slides.mkdir()
     for i in range(3):
         write_synthetic_slide(slides / f"s{i}.tif", 300, 400, tile=128, mpp=0.5, seed=i, variants=2)
-    torch.save({"model": tiny_network().state_dict()}, tmp_path / "model.pt")
+    save_tiny_model(tmp_path / "model.pt", tiny_record(roi_size=[64, 64]))
     configs = [TRAIN.parent / "inference.json", TRAIN.parent / "inference_wsi.json"]
     runs = {}
     for processes, files in ((1, configs), (2, [*configs, TRAIN.parent / "multi_gpu_inference.json"])):
@@ -263,8 +263,8 @@ def test_a_sharded_slide_run_segments_each_slide_once_as_one_process(tmp_path):
         launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1
                     else [])
         listed = "[" + ",".join(f"'{f}'" for f in files) + "]"
-        cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", listed, *NET_ARGS,
-               "--roi_size", "[64,64]", "--slides", str(slides), "--ckpt_path", str(tmp_path / "model.pt"),
+        cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", listed,
+               "--slides", str(slides), "--ckpt_path", str(tmp_path / "model.pt"),
                "--wsi_output_dir", str(out), "--wsi_tile_size", "256", "--bundle_root", str(tmp_path)]
         result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                                 timeout=300)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from scripts.errors import ConfigError
 from scripts.inference import FlipTTAInferer, SavePredictiond, scan_inputs
-from tests.helpers import rgb, tiny_network
+from tests.helpers import rgb, save_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def test_flip_tta_averages_flipped_back_predictions():
 
 
 def test_folder_with_a_corrupt_and_a_small_image(tmp_path):
-    torch.save({"model": tiny_network().state_dict()}, tmp_path / "model.pt")
+    save_tiny_model(tmp_path / "model.pt")
     images = tmp_path / "in"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -49,8 +49,7 @@ def test_folder_with_a_corrupt_and_a_small_image(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(REPO / "bundle/configs/inference.json"),
-         "--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}", "--skip_channels", "[16,8,8]",
-         "--decoder_channels", "[16,16,8,8]", "--roi_size", "[32,32]", "--input_dir", str(images),
+         "--input_dir", str(images),
          "--ckpt_path", str(tmp_path / "model.pt"), "--output_dir", str(out), "--tta", "true",
          "--save_probabilities", "true", "--save_overlays", "true"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,

@@ -22,6 +22,7 @@ requests = pytest.importorskip("requests")
 from scripts.monailabel.annotations import mask_polygons, read_label_mask  # noqa: E402
 from scripts.monailabel.infer import GlandPipeline  # noqa: E402
 from scripts.monailabel.server import running_server  # noqa: E402
+from scripts.networks import RECORD_KEYS  # noqa: E402
 from scripts.wsi.slide import open_slide  # noqa: E402
 from scripts.wsi.synthetic import write_synthetic_slide  # noqa: E402
 from scripts.wsi.tissue import tissue_mask  # noqa: E402
@@ -60,8 +61,9 @@ def server(demo_data, tmp_path_factory):
     for index, entry in enumerate(tiles):
         shutil.copyfile(base / entry["image"], studies / f"tile{index}.png")
     write_synthetic_slide(studies / "slide.tif", 768, 1024, tile=256, seed=1)
-    overrides = {**TINY, "num_epochs": 2}
-    conf = {"model_path": str(served), "train_overrides": overrides, "device": "cpu"}
+    # no network key: fine-tuning takes the served model's network and window from its record
+    overrides = {key: value for key, value in TINY.items() if key not in RECORD_KEYS}
+    conf = {"model_path": str(served), "train_overrides": {**overrides, "num_epochs": 2}, "device": "cpu"}
     log = root / "server.log"
     try:
         with running_server(studies, conf, log) as running:
@@ -227,7 +229,8 @@ def test_labels_then_train_publish_a_model_that_infer_then_uses(server):
     run_log = (Path(stats["run_dir"]) / "train.log").read_text()
     assert f"Network initialised from {server['model']}" in run_log  # fine-tuned from the served model
     state = torch.load(server["model"], map_location="cpu", weights_only=True)
-    assert state["config"]["encoder_name"] == "vit_tiny"
+    assert state["config"] == torch.load(old_model, map_location="cpu", weights_only=True)["config"]
+    assert state["config"]["encoder_name"] == "vit_tiny" and state["config"]["roi_size"] == [32, 32]
 
     # The server reloads the published weights: its suggestion is the new model's, not the old one's.
     new = _pipeline(server["model"]).probabilities(server["studies"] / "tile3.png")

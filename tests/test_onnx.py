@@ -1,6 +1,7 @@
 """ONNX and TorchScript export: dynamic sizes, parity with PyTorch, weights in an external data file, the ONNX
 Runtime backend of inference.json, MONAI's export commands, clear errors."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from tests.helpers import NET_ARGS, run_python, tiny_network
 
 REPO = Path(__file__).resolve().parent.parent
 INFERENCE = REPO / "bundle" / "configs" / "inference.json"
+# The tiny network's keys and window for its model.pt and ONNX file exported without a record, as older versions
+# wrote them: inference takes them from model_overrides.
+LEGACY = ["--model_overrides", json.dumps({"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1},
+                                           "skip_channels": [16, 8, 8], "decoder_channels": [16, 16, 8, 8],
+                                           "roi_size": [32, 32]})]
 # The record of tiny_network() as training writes it into model.pt.
 TINY_RECORD = model_record(num_classes=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1}, n_skip=3,
                            skip_channels=[16, 8, 8], decoder_channels=[16, 16, 8, 8], embed_dim=512, hybrid=False,
@@ -79,7 +85,7 @@ def test_onnx_backend_gives_the_same_masks(exported, demo_data, tmp_path):
     for backend in ("pytorch", "onnx"):
         out = tmp_path / backend
         result = run_python(["-m", "monai.bundle", "run", "inference", "--config_file", REPO / "bundle/configs/inference.json",
-                      *NET_ARGS, "--roi_size", "[32,32]", "--input_dir", images, "--backend", backend,
+                      *LEGACY, "--input_dir", images, "--backend", backend,
                       "--ckpt_path", folder / "model.pt", "--onnx_path", folder / "model.onnx", "--output_dir", out])
         assert result.returncode == 0, result.stderr[-3000:]
         masks[backend] = {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*_mask.png"))}

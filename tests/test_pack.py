@@ -6,11 +6,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 
 from scripts.deploy import META_SCHEMA
-from tests.helpers import NET_ARGS as TINY
-from tests.helpers import REPO, run_python, tiny_network
+from tests.helpers import REPO, run_python, save_tiny_model
 
 
 def run(args, cwd):
@@ -20,7 +18,7 @@ def run(args, cwd):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pack")
-    torch.save({"model": tiny_network().state_dict()}, folder / "model.pt")
+    save_tiny_model(folder / "model.pt")  # with its record: the packed configs name no network key
     result = run(["-m", "scripts.cli", "pack", "--out_dir", folder / "dist", "--model", folder / "model.pt"], REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     return folder / "dist" / "mpamatch_gland_segmentation"
@@ -48,14 +46,14 @@ def test_monai_verify_metadata_and_net_in_out(bundle):
                   "--filepath", "scripts/deploy/meta_schema.json"], bundle)
     assert result.returncode == 0 and "metadata is verified with no error" in result.stdout + result.stderr
     result = run(["-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                  "--config_file", "configs/inference.json", "--n", 2, *TINY], bundle)
+                  "--config_file", "configs/inference.json", "--n", 2], bundle)
     assert result.returncode == 0 and "data shape of network is verified with no error" in result.stdout + result.stderr
 
 
 def test_inference_runs_from_inside_dist(bundle, demo_data):
     images = Path(demo_data).parent / "test" / "images"
-    result = run(["-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json", *TINY,
-                  "--roi_size", "[32,32]", "--input_dir", images], bundle)
+    result = run(["-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
+                  "--input_dir", images], bundle)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (bundle / "eval" / "masks").glob("*_mask.png")) == ["demo_0000_mask.png", "demo_0001_mask.png"]
 

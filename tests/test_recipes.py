@@ -66,9 +66,15 @@ def test_foundation_recipe_trains_the_method_setting(tmp_path, recipe, preset):
 
 @pytest.mark.parametrize("recipe", sorted(FOUNDATION))
 def test_foundation_recipe_layers_on_evaluation_and_inference(tmp_path, recipe):
+    """Evaluation with the recipe (no model yet) builds the recipe's network; inference, with or without the recipe,
+    builds the one the trained model records (a record alone stands for the model here: nothing loads weights)."""
     trained = parsed(tmp_path, ["train.json", f"recipes/{recipe}"]).get_parsed_content("model_record")
-    for names in (["train.json", f"recipes/{recipe}", "evaluate.json"], ["inference.json", f"recipes/{recipe}"]):
-        parser = parsed(tmp_path, names)
+    (tmp_path / "recorded" / "models").mkdir(parents=True)
+    torch.save({"model": {}, "config": trained}, tmp_path / "recorded" / "models" / "model.pt")
+    for names, root in ((["train.json", f"recipes/{recipe}", "evaluate.json"], tmp_path),
+                        (["inference.json", f"recipes/{recipe}"], tmp_path / "recorded"),
+                        (["inference.json"], tmp_path / "recorded")):
+        parser = parsed(root, names)
         settings = parser.get_parsed_content("model_settings")
         assert {key: settings[key] for key in NETWORK_KEYS + WINDOW_KEYS} == \
             {key: trained[key] for key in NETWORK_KEYS + WINDOW_KEYS}, names

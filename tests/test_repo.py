@@ -43,23 +43,30 @@ def test_ci_runs_the_readme_test_commands_in_order_and_fails_if_either_fails(tmp
     assert result.returncode == 2 and "no command after '<!-- deploy-test-command -->'" in result.stderr
 
 
-def test_the_configs_show_the_defaults_a_new_training_records():
-    """A user reads a new training's network keys in train.json (and inference.json, for files without a record):
-    they are the defaults of the one description, ``scripts.networks.RECORD_FIELDS``."""
+def test_only_a_new_training_lists_the_network_keys():
+    """A user reads a new training's network keys in train.json: they are the defaults of the one description,
+    ``scripts.networks.RECORD_FIELDS``. No other config lists them: evaluation, inference and the whole-slide
+    config take the network and window from the model's record."""
     from monai.bundle import ConfigParser
 
     from scripts.networks import DEFAULT_RECORD, RECORD_KEYS
 
-    for name in ("train.json", "inference.json"):
-        config = json.loads((CONFIGS / name).read_text())
-        assert {key: config[key] for key in RECORD_KEYS} == DEFAULT_RECORD, name
+    config = json.loads((CONFIGS / "train.json").read_text())
+    assert {key: config[key] for key in RECORD_KEYS} == DEFAULT_RECORD
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     assert parser.get_parsed_content("model_record") == DEFAULT_RECORD
-    for name in ("evaluate.json", "inference.json"):  # they take the record from the model, never list the keys
+    for name in ("evaluate.json", "inference.json", "inference_wsi.json", "multi_gpu_inference.json",
+                 "multi_gpu_evaluate.json", "multi_gpu_train.json"):
+        config = json.loads((CONFIGS / name).read_text())
+        assert not set(config) & set(RECORD_KEYS), name
+        text = json.dumps(config)
+        assert not [key for key in RECORD_KEYS if f"@{key}" in text.replace("@num_classes", "")], name
+        assert "@num_classes" not in text or name in ("evaluate.json", "multi_gpu_train.json"), name  # train.json's
+    for name in ("evaluate.json", "inference.json"):
         config = json.loads((CONFIGS / name).read_text())
         assert config["network_def"] == "$scripts.networks.network_from_record(@model_settings)", name
-        assert "encoder_name" not in config["model_settings"], name
+    assert json.loads((CONFIGS / "inference.json").read_text())["model_overrides"] == {}
 
 
 def test_a_trained_model_record_wins_and_a_chosen_contradiction_is_refused(tmp_path, caplog):
@@ -84,10 +91,21 @@ def test_a_trained_model_record_wins_and_a_chosen_contradiction_is_refused(tmp_p
     assert renamed["class_names"] == ["background", "lumen"] and renamed["roi_size"] == [32, 32]
     assert "trained with class_names=['background', 'crypt']" in caplog.text
     with pytest.raises(ConfigError, match=r"roi_size=\[32, 32\], but this run asks for roi_size=\[64, 64\].*drop "
-                                          r"--roi_size \(from the command line, the recipe or your config file\)"):
+                                          r"--roi_size \(from the command line, the recipe, model_overrides or your "):
         trained_settings(path, {**DEFAULT_RECORD, "roi_size": [64, 64], "class_names": ["a", "b"]})
     with pytest.raises(ConfigError, match="set num_classes to the trained count"):
         trained_settings(path, {"num_classes": 3})
+    # inference gives no key (model_overrides {}): every value is the record's, num_classes included
+    three = tmp_path / "three.pt"
+    torch.save({"model": {}, "config": model_record(num_classes=3, roi_size=[32, 32])}, three)
+    assert trained_settings(three, {}) == model_record(num_classes=3, roi_size=[32, 32])
+    assert trained_settings(three, None)["num_classes"] == 3
+    assert trained_settings(three, {"class_names": ["a", "b", "c"]})["class_names"] == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match=r"'model_overrides' has \['sw_batch_size'\], which are not network"):
+        trained_settings(three, {"sw_batch_size": 4})
+    with pytest.raises(ConfigError, match="'model_overrides' is 'vit_tiny'; give a JSON object"):
+        trained_settings(three, "vit_tiny")
+    assert trained_settings(None, {"roi_size": [48, 48]}) == model_record(roi_size=[48, 48])  # no init_weights
     # an older file without a record, or the ONNX backend for model.pt: the config's values, as they are
     torch.save({"model": {}}, tmp_path / "old.pt")
     assert trained_settings(tmp_path / "old.pt", {"roi_size": [64, 64]})["roi_size"] == [64, 64]

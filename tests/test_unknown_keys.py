@@ -101,6 +101,29 @@ def test_a_misspelt_key_is_refused_naming_it_and_the_closest_keys():
     assert "passed last in --config_file" in message
 
 
+def test_inference_refuses_network_keys_and_points_at_model_overrides():
+    """inference.json lists no network key: one on its command line (even where a recipe defines it) would be
+    ignored, since the model's record decides, so it is refused with the model_overrides form; training and
+    evaluation, which take them, accept them."""
+    from scripts.networks import RECORD_KEYS
+
+    for files in (INFERENCE, _files("inference.json", "recipes/cpu.json"), _files("inference.json", "inference_wsi.json")):
+        with pytest.raises(ConfigError) as raised:
+            check_command_line_keys([ENTRY, "run", "--config_file", files, "--roi_size", "[64,64]", "--class_names",
+                                     "['a','b']"], record_keys=RECORD_KEYS)
+        message = str(raised.value)
+        assert message.startswith("--class_names, --roi_size: inference takes the network, window and class names "
+                                  "from the trained model's record"), message
+        assert """--model_overrides "{'class_names': ..., 'roi_size': ...}".""" in message
+    check_command_line_keys([ENTRY, "run", "--config_file", INFERENCE, "--model_overrides", "{'roi_size': [64, 64]}"],
+                            record_keys=RECORD_KEYS)
+    check_command_line_keys([ENTRY, "run", "evaluating", "--config_file", _files("train.json", "evaluate.json"),
+                             "--roi_size", "[64,64]"], record_keys=RECORD_KEYS)
+    with pytest.raises(ConfigError, match=r"--encoder_nme \(did you mean encoder_name, "):
+        check_command_line_keys([ENTRY, "run", "--config_file", INFERENCE, "--encoder_nme", "x"],
+                                record_keys=RECORD_KEYS)
+
+
 def test_every_unknown_key_is_named_and_a_misspelt_argument_of_run_is_suggested_too():
     with pytest.raises(ConfigError) as raised:
         check_command_line_keys([ENTRY, "run", "evaluating", "--config_file", _files("train.json", "evaluate.json"),

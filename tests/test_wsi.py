@@ -261,14 +261,15 @@ def test_bad_segmenter_settings():
 
 
 def test_bundle_runs_whole_slide_inference(slide, tmp_path):
-    from tests.helpers import NET_ARGS, tiny_network
+    from tests.helpers import save_tiny_model, tiny_record
 
-    torch.save({"model": tiny_network().state_dict()}, tmp_path / "model.pt")
+    # class names renamed through model_overrides reach the GeoJSON; the network and window come from the record
+    save_tiny_model(tmp_path / "model.pt", tiny_record(roi_size=[64, 64]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     configs = f"['{REPO / 'bundle/configs/inference.json'}','{REPO / 'bundle/configs/inference_wsi.json'}']"
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *NET_ARGS,
-         "--roi_size", "[64,64]", "--slides", str(slide),
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+         "--model_overrides", "{'class_names': ['background', 'crypt']}", "--slides", str(slide),
          "--ckpt_path", str(tmp_path / "model.pt"), "--wsi_output_dir", str(tmp_path / "out"),
          "--wsi_mpp", "1.0", "--wsi_tile_size", "256"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -281,6 +282,7 @@ def test_bundle_runs_whole_slide_inference(slide, tmp_path):
         mask = tif.pages[0].asarray()
     assert mask.shape == (350, 500) and set(np.unique(mask)) <= {0, 255}
     assert "of 4 tiles segmented" in result.stdout + result.stderr
+    assert set(summary["class_fractions"]) == {"background", "crypt"}
 
 
 def test_demo_slide_stays_out_of_the_demo_data_folder(tmp_path, monkeypatch):

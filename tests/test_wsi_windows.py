@@ -11,6 +11,7 @@ from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from scripts.inference import FlipTTAInferer, ScaledInferer
 from scripts.inference.scale import rescale_image
+from scripts.networks import config_settings, model_record
 from scripts.paths import config_path
 from scripts.wsi import SlideSegmenter, open_slide, write_synthetic_slide
 from scripts.wsi.windows import SharedWindowTiles, labels_from_logits, window_plan
@@ -138,7 +139,7 @@ def test_window_plan_falls_back_to_tiles():
 def test_the_bundle_inferer_gives_a_plan():
     parser = ConfigParser()
     parser.read_config([str(config_path("inference.json")), str(config_path("recipes/cpu.json"))])
-    parser["model_settings"] = "$@model_record"
+    parser["model_settings"] = model_record(**config_settings(parser))  # the recipe's network, no model file
     parser["tta"] = True
     plan = window_plan(parser.get_parsed_content("inferer"), 1024)
     assert plan.roi == (128, 128) and plan.step == 2 and plan.stride == (96, 96) and plan.batch == 4

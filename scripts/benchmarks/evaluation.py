@@ -75,12 +75,13 @@ def main(images: int = 8, fragments: int = 300, recipe: str | None = None, encod
     import torch
     from monai.bundle import ConfigParser
 
+    from scripts.networks import config_settings, model_record
+
     parser = ConfigParser()
     parser.read_config([os.path.join(CONFIGS, "inference.json")] + ([recipe] if recipe else []))
-    if encoder_name:
-        parser["encoder_name"] = encoder_name
     # the network asked for, with random weights: never the record of a trained models/model.pt
-    parser["model_settings"] = "$@model_record"
+    record = model_record(**config_settings(parser, {"encoder_name": encoder_name}))
+    parser["model_settings"] = record
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = parser.get_parsed_content("network_def").eval().to(device)
     inferer = parser.get_parsed_content("inferer")
@@ -117,8 +118,7 @@ def main(images: int = 8, fragments: int = 300, recipe: str | None = None, encod
     threads = torch.get_num_threads()
     print(f"{images} images of 775 x 522, about {figures['predicted_objects']} predicted objects each; "
           f"{'CUDA' if torch.cuda.is_available() else f'CPU, {threads} torch threads'}; network "
-          f"{parser.get_parsed_content('encoder_name')}, window {parser.get_parsed_content('roi_size')}, "
-          f"image scale {parser.get_parsed_content('image_scale')}")
+          f"{record['encoder_name']}, window {record['roi_size']}, image scale {record['image_scale']}")
     print("| inference (s / image) | pixel metrics: Dice, IoU, HD95, ASD (s) | object metrics: F1, Dice, Hausdorff (s) "
           "| (inference + metrics) / inference |\n|---|---|---|---|")
     print(f"| {figures['inference_s']} | {figures['pixel_metrics_s']} | {figures['object_metrics_s']} | "

@@ -35,13 +35,13 @@ def network_config(encoder_name: str | None, recipe: str = ""):
     """inference.json, with ``recipe`` merged over it when given, else with ``encoder_name`` (None: the config's)."""
     from monai.bundle import ConfigParser
 
+    from scripts.networks import config_settings, model_record
+
     parser = ConfigParser()
     config = str(config_path("inference.json"))
     parser.read_config([config, recipe] if recipe else config)
-    if not recipe and encoder_name:
-        parser["encoder_name"] = encoder_name
     # the network asked for, with random weights: never the record of a trained models/model.pt
-    parser["model_settings"] = "$@model_record"
+    parser["model_settings"] = model_record(**config_settings(parser, {"encoder_name": None if recipe else encoder_name}))
     return parser
 
 

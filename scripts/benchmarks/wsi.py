@@ -34,13 +34,13 @@ def _measure(slide: str, out_dir: str, encoder_name: str, backend: str, tile_siz
     import torch
     from monai.bundle import ConfigParser
 
+    from scripts.networks import config_settings, model_record
     from scripts.wsi import SlideSegmenter
 
     parser = ConfigParser()
     parser.read_config([os.path.join(CONFIGS, "inference.json"), os.path.join(CONFIGS, "inference_wsi.json")])
-    parser["encoder_name"] = encoder_name
     # the network asked for, with random weights: never the record of a trained models/model.pt
-    parser["model_settings"] = "$@model_record"
+    parser["model_settings"] = model_record(**config_settings(parser, {"encoder_name": encoder_name}))
     torch.manual_seed(0)
     device = parser.get_parsed_content("device")  # CUDA when there, with bf16 autocast (inference.json's amp)
     network = parser.get_parsed_content("network_def").eval().to(device)

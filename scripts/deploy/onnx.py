@@ -235,7 +235,7 @@ def export_trained_model(ckpt: str = "models/model.pt", out: str = "models/model
     from monai.bundle import ConfigParser
 
     from scripts.config import as_bool
-    from scripts.networks import (RECORD_KEYS, load_trained_weights, network_from_record, stored_record,
+    from scripts.networks import (config_settings, load_trained_weights, network_from_record, stored_record,
                                   trained_settings)
 
     int8 = as_bool(int8, "int8")
@@ -247,9 +247,8 @@ def export_trained_model(ckpt: str = "models/model.pt", out: str = "models/model
     parser.read_config(config_file)
     for key, value in overrides.items():
         parser[key] = value
-    # the record keys the config sets (a config of its own may set some); the others are a new training's defaults
-    settings = trained_settings(ckpt, {key: parser.get_parsed_content(key) for key in RECORD_KEYS
-                                       if parser.get(key) is not None}, key="--ckpt")
+    # the record keys the config or the command line gives (for an older file); the others come from the record
+    settings = trained_settings(ckpt, config_settings(parser), key="--ckpt")
     network = network_from_record(settings)
     load_trained_weights(network, ckpt, key="--ckpt")
     # A file without a record (written before records existed) exports without one: its window is not known.

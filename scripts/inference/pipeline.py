@@ -109,6 +109,26 @@ class InferencePipeline:
         stat = self.model_path.stat()
         return stat.st_mtime_ns, stat.st_size
 
+    def _check_overrides(self, parser: ConfigParser) -> None:
+        """Refuses an override that the config does not define (it would be ignored); a network, window or label
+        key belongs in ``model_overrides``, since the model's record decides them."""
+        from scripts.networks import RECORD_KEYS, checked_overrides
+
+        checked_overrides(self.overrides.get("model_overrides"))
+        record_keys = sorted(set(self.overrides) & set(RECORD_KEYS))
+        if record_keys:
+            raise ConfigError(f"Inference settings {record_keys}: the network, window and class names come from the "
+                              f"model's record ({self.model_path.name}). To rename the classes, or for a model file "
+                              "written before records existed, give them under 'model_overrides', e.g. "
+                              "{'model_overrides': {'class_names': ['background', 'gland']}}.")
+        unknown = sorted(key for key in self.overrides if key not in parser)
+        if unknown:
+            from scripts.bundle_args import closest_keys
+
+            raise ConfigError("Unknown inference settings: " + "; ".join(
+                f"'{key}' ({closest_keys(key, parser.config)})" for key in unknown) +
+                f". {self.config_file.name} defines no such key, so it would be ignored.")
+
     def _build(self) -> None:
         parser = ConfigParser()
         parser.read_config([str(f) for f in self.config_files])
@@ -116,6 +136,7 @@ class InferencePipeline:
         settings = {"bundle_root": str(self.config_file.parents[1]), model_key: str(self.model_path),
                     "backend": self.backend, "device": self.device, "output_dir": tempfile.gettempdir(),
                     **self.overrides}
+        self._check_overrides(parser)
         for key, value in settings.items():
             parser[key] = value
         network = parser.get_parsed_content("network")

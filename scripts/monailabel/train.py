@@ -28,7 +28,7 @@ from PIL import Image
 from scripts.files import atomic_path, write_text_atomically
 from scripts.monailabel.guard import checked_train_request
 from scripts.monailabel.annotations import LabelError, image_size, is_tile, read_label_mask
-from scripts.networks import RECORD_KEYS, stored_record
+from scripts.networks import stored_record
 
 __all__ = ["GlandTrainTask", "build_datalist"]
 
@@ -134,10 +134,8 @@ class GlandTrainTask(TrainTask):
         elif (request.get("num_epochs") or 0) > 0:  # epochs asked for: a recipe's iteration budget must not win
             settings["num_epochs"], settings["num_iterations"] = request["num_epochs"], None
         finetune = request.get("finetune", True)
-        record = stored_record(self.model_path) if finetune and self.model_path.is_file() else None
-        if record is not None:
-            # Fine-tuning keeps the served network's shape: its record decides the network keys.
-            settings.update({key: record[key] for key in RECORD_KEYS if key in record})
+        if finetune and self.model_path.is_file() and stored_record(self.model_path) is not None:
+            # Fine-tuning keeps the served network's shape: train.json builds it from init_weights' record.
             settings["init_weights"] = str(self.model_path)
         settings.update({"datalist": str(datalist), "ckpt_dir": str(run_dir / "models"),
                          "output_dir": str(run_dir / "runs"), "bundle_root": str(self.bundle_root), "resume": False})

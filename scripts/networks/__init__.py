@@ -4,7 +4,8 @@ module that reads every weights file (``weights.py``)."""
 from .weights import (TRAIN_FIRST, describe_state, initialised, load_trained_weights, nonfinite_keys, read_checkpoint,
                       read_state_dict, state_misfit, strip_prefix)
 from .record import (DEFAULT_RECORD, LABEL_KEYS, NETWORK_KEYS, RECORD_FIELDS, RECORD_KEYS, WINDOW_KEYS, RecordField,
-                     model_record, network_from_record, stored_record, trained_settings)
+                     checked_overrides, config_settings, model_record, network_from_record, stored_record,
+                     trained_settings)
 from .encoders import ENCODER_PRESETS, build_encoder, check_encoder_weights, encoder_patch_size, load_encoder_weights
 from .transunet import CascadedDecoder, ProjectionHead, SkipStem, TransUNetOutput, UNITransUNet
 from .conch import CONCH_FILES, ConchTokenizer, build_conch_text_tower, check_conch_weights, conch_file
@@ -33,6 +34,8 @@ __all__ = [
     "RecordField",
     "DEFAULT_RECORD",
     "model_record",
+    "config_settings",
+    "checked_overrides",
     "network_from_record",
     "trained_settings",
     "stored_record",

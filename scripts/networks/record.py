@@ -10,15 +10,19 @@ MONAI Label read it back (``trained_settings``, ``stored_record``) and build the
 
 Which value wins, for a model file that holds a record (one rule, decided from the values alone):
 
-- ``num_classes``: the config's must equal the record's (outputs and post-processing are built from it), else the
+- A key the run's config does not give (``inference.json`` gives none unless ``model_overrides`` names it): the
+  record's.
+- ``num_classes``, when given: it must equal the record's (outputs and post-processing are built from it), else the
   run is refused.
-- Other network and window keys: the record's. A config value that differs from the record and from the default of
-  a new training was chosen (on the command line, in a recipe or in a config file of your own) and contradicts the
-  model: the run is refused. A default is replaced by the record's value, with a log line.
-- Label keys: a chosen value (not the default) renames the classes and wins, since nothing is computed from it;
-  the default gives way to the record's names.
+- Other network and window keys, when given: the record's. A value that differs from the record and from the
+  default of a new training was chosen (on the command line, in a recipe or in a config file of your own) and
+  contradicts the model: the run is refused. A default gives way to the record's value, with a log line.
+- Label keys, when given: a chosen value (not the default) renames the classes and wins, since nothing is computed
+  from it; the default gives way to the record's names.
 
-A file written before the record existed, or no file yet, uses the config's values as they are.
+A file written before the record existed, or no file (yet), uses the config's values over the defaults of a new
+training. Fine-tuning (``train.json``'s ``init_weights``) follows the same rule, so a fine-tuned model keeps the
+network and window of the model it starts from.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from scripts.errors import ConfigError
 from .weights import read_checkpoint
 
 __all__ = ["RecordField", "RECORD_FIELDS", "NETWORK_KEYS", "WINDOW_KEYS", "LABEL_KEYS", "RECORD_KEYS", "ONNX_RECORD_KEY",
-           "DEFAULT_RECORD", "model_record", "stored_record", "trained_settings", "network_from_record"]
+           "DEFAULT_RECORD", "model_record", "config_settings", "stored_record", "trained_settings",
+           "network_from_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +137,35 @@ def model_record(**settings: Any) -> dict:
     return {name: _normalised(name, settings.get(name, field.default)) for name, field in fields.items()}
 
 
+def config_settings(parser, overrides: Mapping[str, Any] | None = None) -> dict:
+    """The record keys a parsed config gives: those it (a recipe, a config of your own) sets as top-level keys, then
+    those of its ``model_overrides``, then ``overrides`` (None values left out). ``model_record`` of them is the
+    record of a new network; ``trained_settings`` takes them as the config's side.
+
+    Args:
+        parser: a ``monai.bundle.ConfigParser`` that has read the config files.
+        overrides: record keys that win over the config's (e.g. a benchmark's ``encoder_name``).
+    """
+    given = {key: parser.get_parsed_content(key) for key in _fields() if parser.get(key) is not None}
+    if parser.get("model_overrides") is not None:
+        given.update(checked_overrides(parser.get_parsed_content("model_overrides")))
+    return {**given, **{key: value for key, value in (overrides or {}).items() if value is not None}}
+
+
+def checked_overrides(overrides: Any, key: str = "model_overrides") -> dict:
+    """``overrides`` as a dict of record keys, or a ``ConfigError`` that names ``key`` and the keys it may hold."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"'{key}' is {overrides!r}; give a JSON object of record keys, e.g. "
+                          f"{{\"class_names\": [\"background\", \"gland\"]}}.")
+    unknown = sorted(set(overrides) - set(_fields()))
+    if unknown:
+        raise ConfigError(f"'{key}' has {unknown}, which are not network, window or label keys; it takes "
+                          f"{list(_fields())}. Other inference keys (e.g. sw_batch_size) are set on their own.")
+    return dict(overrides)
+
+
 def network_from_record(record: Mapping[str, Any], **training: Any):
     """The ``UNITransUNet`` a record describes: its network keys become the network's arguments.
 
@@ -171,15 +205,17 @@ def _shown(settings: Mapping[str, Any], keys) -> str:
     return ", ".join(f"{key}={settings.get(key)!r}" for key in keys)
 
 
-def trained_settings(ckpt_path: str | os.PathLike, settings: Mapping[str, Any], key: str = "ckpt_path",
-                     enabled: bool | str = True) -> dict:
+def trained_settings(ckpt_path: str | os.PathLike | None, settings: Mapping[str, Any] | None = None,
+                     key: str = "ckpt_path", enabled: bool | str = True) -> dict:
     """The record a run builds its network and window from: that of ``ckpt_path``, with the config's values where
     the rule in this module's docstring lets them win.
 
     Args:
-        ckpt_path: the trained ``model.pt`` or exported ``.onnx``; when it does not exist (yet), holds no record or
-            ``enabled`` is false, the config's values (over the defaults) are the record.
-        settings: the config's values of record keys (some or all; ``model_record`` of them).
+        ckpt_path: the trained ``model.pt`` or exported ``.onnx`` (or, for fine-tuning, ``init_weights``); when it
+            is None, does not exist (yet), holds no record or ``enabled`` is false, the config's values (over the
+            defaults of a new training) are the record.
+        settings: the record keys the config gives (some or all; ``model_record`` of them, ``model_overrides``);
+            the keys it leaves out take the record's values. Defaults to none.
         key: the config key naming ``ckpt_path``, for the messages. Defaults to ``"ckpt_path"``.
         enabled: false for a backend that does not read ``ckpt_path`` (ONNX). Defaults to True.
 
@@ -187,40 +223,45 @@ def trained_settings(ckpt_path: str | os.PathLike, settings: Mapping[str, Any], 
         A full record (every key of ``RECORD_FIELDS``).
 
     Raises:
-        ConfigError: a chosen network or window key contradicts the record, or ``num_classes`` differs (the
-            post-processing and outputs are built from it, so it is never replaced silently). MONAI's export
-            commands run no ``initialize`` and reach this first, so the unknown keys of their command line are
-            checked here too (``scripts.bundle_args.check_command_line_keys``).
+        ConfigError: a chosen network or window key contradicts the record, a given ``num_classes`` differs (the
+            post-processing and outputs are built from it, so it is never replaced silently), or ``settings`` has a
+            key that is no record key. MONAI's export commands run no ``initialize`` and reach this first, so the
+            unknown keys of their command line are checked here too
+            (``scripts.bundle_args.check_command_line_keys``).
     """
-    check_command_line_keys()
-    config = model_record(**settings)
-    if not as_bool(enabled, "enabled") or not Path(ckpt_path).is_file():
+    check_command_line_keys(record_keys=RECORD_KEYS)
+    given = checked_overrides(settings)
+    config = model_record(**given)
+    if ckpt_path is None or not as_bool(enabled, "enabled") or not Path(ckpt_path).is_file():
         return config
     stored = stored_record(ckpt_path, key)
     if stored is None:
-        logger.info("%s holds no network record (written by an older version); the config's network keys are used.",
-                    ckpt_path)
+        logger.warning("%s holds no network record (written by an older version): the network and window are the "
+                       "config's (%s). If its training used others, give them in model_overrides.", ckpt_path,
+                       _shown(config, [name for name in RECORD_KEYS if name in given] or ["encoder_name", "roi_size"]))
         return config
     fields = _fields()
     stored = {name: _normalised(name, value) for name, value in stored.items() if name in fields}
     differing = [name for name, value in stored.items() if config[name] != value]
-    chosen = [name for name in differing if config[name] != model_record()[name]]
+    chosen = [name for name in differing if name in given and config[name] != model_record()[name]]
     renamed = [name for name in chosen if fields[name].kind == "label"]
     for name in renamed:  # the chosen names win; nothing is computed from them
         logger.info("%s was trained with %s; the config's %s is used.", ckpt_path, _shown(stored, [name]),
                     _shown(config, [name]))
         del stored[name]
-    refused = [name for name in differing if name not in renamed and (name in chosen or name == "num_classes")]
+    refused = [name for name in differing
+               if name not in renamed and (name in chosen or (name == "num_classes" and name in given))]
     if refused:
         raise ConfigError(
             f"Model '{ckpt_path}' was trained with {_shown(stored, refused)}, but this run asks for "
             f"{_shown(config, refused)}. The model rebuilds its own network and window: drop "
             f"{', '.join('--' + name for name in refused if name != 'num_classes') or 'these overrides'}"
             f"{' and set num_classes to the trained count' if 'num_classes' in refused else ''} (from the command "
-            f"line, the recipe or your config file), or point '{key}' at a model trained with the values you want."
+            f"line, the recipe, model_overrides or your config file), or point '{key}' at a model trained with the "
+            "values you want."
         )
     replaced = [name for name in differing if name not in renamed]
     if replaced:
-        logger.info("Network and window from %s: %s (the config had %s).", ckpt_path, _shown(stored, replaced),
+        logger.info("Network and window from %s: %s (a new training's %s).", ckpt_path, _shown(stored, replaced),
                     _shown(config, replaced))
     return {**config, **stored}

@@ -163,7 +163,9 @@ def load_trained_weights(network: nn.Module, ckpt: str | os.PathLike, key: str =
             advice = (f"The file records its network ({full['config']}); build the network from that record "
                       "(evaluate.json, inference.json and export-onnx do) or check the file was not altered.")
         else:
-            advice = "Pass the network overrides used in training (e.g. --encoder_name, --skip_channels)."
+            advice = ("It holds no record of its network (written by an older version): give the network keys used "
+                      "in training, e.g. --encoder_name, --skip_channels (training, evaluation, export-onnx) or "
+                      "--model_overrides \"{'encoder_name': ..., 'skip_channels': ...}\" (inference).")
         raise ConfigError(f"Checkpoint '{ckpt}' does not fit the network built from the config ({problems}). {advice}")
     network.load_state_dict(state, strict=True)
     return network

@@ -109,18 +109,20 @@ class TiledOnnxSegmenter:
 
     Args:
         model_path: the ``.onnx`` file, or a folder holding exactly one.
-        overrides: keys of ``inference.json`` (e.g. ``{"sw_batch_size": 8, "min_object_size": 1600}``; ``roi_size``
-            only matters for a model exported without its record). Defaults to None.
+        overrides: keys of ``inference.json`` (e.g. ``{"sw_batch_size": 8, "min_object_size": 1600}``; the
+            network's keys, such as ``roi_size``, only under ``model_overrides`` and only for a model exported
+            without its record). Defaults to None.
         config_file: the inference config. Defaults to the bundle's ``configs/inference.json``.
     """
 
     def __init__(self, model_path: str | os.PathLike, overrides: dict | None = None,
                  config_file: str | os.PathLike | None = None):
         overrides = dict(overrides or {})
-        roi_size = overrides.get("roi_size")
+        model_overrides = overrides.get("model_overrides")
+        roi_size = model_overrides.get("roi_size") if isinstance(model_overrides, dict) else None
         if roi_size is not None and (len(roi_size) != 2 or min(roi_size) < 1):
-            raise ConfigError(f"roi_size={list(roi_size)} (app.yaml, section 'inference'): give two positive sides, "
-                              "e.g. [96, 96].")
+            raise ConfigError(f"roi_size={list(roi_size)} (app.yaml, section 'inference', model_overrides): give two "
+                              "positive sides, e.g. [96, 96].")
         path = resolve_model_path(model_path)
         self.pipeline = InferencePipeline(path, config_file, backend="onnx", overrides=overrides)
         parts = self.pipeline.parts()
