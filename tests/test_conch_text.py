@@ -184,6 +184,6 @@ def test_train_config_builds_conch_prompts(checkpoint, tokenizer_file):
     parser.read_config(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "train.json")
     parser.update({"text_arch": "conch", "text_weights": str(checkpoint[0]), "text_tokenizer": str(tokenizer_file),
                    "text_cfg": TINY, "text_n_ctx": 2})
-    prompts = parser.get_parsed_content("text_prototypes")
+    prompts = parser.get_parsed_content("train#text_prototypes")
     assert prompts.has_language_prior and prompts.ctx.shape == (2, TINY["width"])
     assert prompts().shape == (2, parser.get_parsed_content("embed_dim"))

@@ -58,7 +58,7 @@ def test_foundation_recipe_trains_the_method_setting(tmp_path, recipe, preset):
     assert record["skip_channels"] == [512, 256, 64] and record["decoder_channels"] == [256, 128, 64, 16]
     assert window_fits(parser, record) == record["roi_size"]  # refused at start otherwise
     assert (parser["labeled_batch_size"], parser["unlabeled_batch_size"], parser["amp_dtype"]) == (8, 8, "bfloat16")
-    assert parser.get_parsed_content("method_config").name == "mpamatch"
+    assert parser.get_parsed_content("train#method_config").name == "mpamatch"
     # the network reads the recipe's weights file, which names its encoder's folder
     assert "encoder_weights=@encoder_weights" in parser["network_def"]
     assert parser.get_parsed_content("encoder_weights").endswith(f"/{FOUNDATION[recipe]}/pytorch_model.bin")
@@ -103,5 +103,5 @@ def test_conch_dir_sets_the_text_tower_in_one_key(tmp_path):
     write_conch_tokenizer(folder / "conch_byte_level_bpe_uncased.json")
     parser = parsed(tmp_path, ["train.json", "recipes/uni.json"], conch_dir=str(folder), text_cfg=CONCH_TINY)
     assert parser.get_parsed_content("text_weights") == str(folder / "pytorch_model.bin")
-    prompts = parser.get_parsed_content("text_prototypes")  # the tower the trainer gets, CONCH's weights loaded
+    prompts = parser.get_parsed_content("train#text_prototypes")  # the tower the trainer gets, CONCH's weights loaded
     assert prompts.has_language_prior and prompts.ctx.shape == (8, CONCH_TINY["width"])

@@ -61,7 +61,7 @@ def test_every_preset_trains(method, demo_data, tmp_path):
     assert (output["loss_fp"] > 0) == (config.weight_fp > 0)
     assert (output["loss_txt"] > 0) == (config.lambda_txt > 0)
     if config.lambda_img > 0:  # the bank fills after the first iteration, so the second one has an image loss
-        assert parser.get_parsed_content("prototype_bank").ready and output["loss_img"] > 0
+        assert parser.get_parsed_content("train#prototype_bank").ready and output["loss_img"] > 0
     else:
         assert output["loss_img"] == 0
     changed = any(not torch.equal(before[k], v) for k, v in network.state_dict().items())
@@ -71,7 +71,7 @@ def test_every_preset_trains(method, demo_data, tmp_path):
 def test_the_trainer_takes_the_method_train_json_resolves_once(demo_data, tmp_path):
     parser = parser_for(demo_data, tmp_path, method="mpamatch", lambda_txt=0.3, num_epochs=1)
     trainer = parser.get_parsed_content("train#trainer")
-    assert trainer.method is parser.get_parsed_content("method_config")
+    assert trainer.method is parser.get_parsed_content("train#method_config")
     assert (trainer.method.name, trainer.method.lambda_img, trainer.method.lambda_txt) == ("mpamatch", 0.1, 0.3)
     assert not hasattr(trainer, "method_name")
     parser = parser_for(demo_data, tmp_path, method="unimatch", num_epochs=1)
@@ -158,7 +158,7 @@ def _contrast_trainer(demo_data, tmp_path, method, pixels_per_class, seed):
     parser = parser_for(demo_data, tmp_path, method=method, embed_dim=8, pixels_per_class=pixels_per_class)
     trainer = parser.get_parsed_content("train#trainer")
     hidden, _, targets, keeps = _contrast_inputs(trainer, seed=seed)
-    bank = parser.get_parsed_content("prototype_bank")
+    bank = parser.get_parsed_content("train#prototype_bank")
     bank.update(torch.nn.functional.normalize(torch.randn(2, 8), dim=1), torch.ones(2, dtype=torch.bool))
     return trainer, bank, hidden, targets, keeps
 
@@ -350,7 +350,7 @@ def test_the_trainer_feeds_the_prototype_bank_without_any_handler(demo_data, tmp
     parser["train#handlers"] = []
     trainer = parser.get_parsed_content("train#trainer")
     trainer.state.epoch_length = 2
-    bank = parser.get_parsed_content("prototype_bank")
+    bank = parser.get_parsed_content("train#prototype_bank")
     trainer.run()
     assert bank.updates.tolist() == [2, 2]  # one update per class per counted step
     assert bank.ready and trainer.state.prototype_batch is None
@@ -441,7 +441,7 @@ def test_validation_and_model_pt_use_the_averaged_weights(demo_data, tmp_path):
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
                               lambda engine: snapshots.append({k: v.clone() for k, v in network.state_dict().items()}))
     trainer.run()
-    average = parser.get_parsed_content("weight_average")
+    average = parser.get_parsed_content("train#weight_average")
     assert parser.get_parsed_content("validate#evaluator").network is average.network
     assert average.updates == 3
     key = "segmentation_head.weight"

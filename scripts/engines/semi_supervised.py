@@ -160,8 +160,8 @@ class SemiSupervisedTrainer(Trainer):
         network: a ``UNITransUNet``, or one wrapped in ``DistributedDataParallel`` (``distributed_network``).
         optimizer: optimizer over the network and the text-prototype parameters.
         mix_loader: second unlabeled stream, the CutMix source; defaults to ``unlabeled_loader`` iterated separately.
-        method: the resolved method (``resolve_method``; ``train.json`` passes its ``method_config``, so the method
-            and its ``lambda_img`` / ``lambda_txt`` are resolved once). Defaults to the ``mpamatch`` preset.
+        method: the resolved method (``resolve_method``; ``train.json`` passes its ``train#method_config``, so the
+            method and its ``lambda_img`` / ``lambda_txt`` are resolved once). Defaults to the ``mpamatch`` preset.
         confidence_threshold: tau for pseudo-labels. Defaults to 0.95.
         prototype_bank: the image-prototype bank; required when lambda_img > 0.
         text_prototypes: the text-prototype module; required when lambda_txt > 0.
@@ -215,7 +215,7 @@ class SemiSupervisedTrainer(Trainer):
     ):
         if not isinstance(method, MethodConfig):
             raise ConfigError(f"SemiSupervisedTrainer 'method' is {method!r}; pass a resolved method "
-                              "(scripts.engines.resolve_method, train.json's method_config).")
+                              "(scripts.engines.resolve_method, train.json's train#method_config).")
         self.method = method
         method = self.method.name
         if self.method.lambda_img > 0 and prototype_bank is None:

@@ -232,8 +232,17 @@ def build_text_prototypes(source: str | None, num_classes: int, embed_dim: int, 
                           arch: str = "ViT-B-16", weights: str | None = None, prototype_file: str | None = None,
                           n_ctx: int = 8, ctx_init: str | None = None, temperature: float = 0.07,
                           learnable_scale: bool = False, text_cfg: dict | None = None,
-                          tokenizer_file: str | None = None) -> TextPrototypes | None:
-    """The text-prototype module for config key ``text_source`` (``prompt``, ``file``, ``random`` or None)."""
+                          tokenizer_file: str | None = None, device: str | torch.device | None = None
+                          ) -> TextPrototypes | None:
+    """The text-prototype module for config key ``text_source`` (``prompt``, ``file``, ``random`` or None), on
+    ``device`` when given."""
+    module = _text_prototypes(source, num_classes, embed_dim, class_descriptions, arch, weights, prototype_file, n_ctx,
+                              ctx_init, temperature, learnable_scale, text_cfg, tokenizer_file)
+    return module.to(device) if module is not None and device is not None else module
+
+
+def _text_prototypes(source, num_classes, embed_dim, class_descriptions, arch, weights, prototype_file, n_ctx, ctx_init,
+                     temperature, learnable_scale, text_cfg, tokenizer_file) -> TextPrototypes | None:
     if source is None or source == "none":
         return None
     if source == "prompt":

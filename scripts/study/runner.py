@@ -31,6 +31,7 @@ from PIL import Image
 
 from scripts.errors import ConfigError
 from scripts.files import write_text_atomically
+from scripts.paths import CONFIG_DIR, REPO
 
 from .datasets import data_names, TEST_SEED, build_datalists, check_adapter_args, load_sections, ratio_label
 from .masks import MASK_DIR_NAME, write_mask_config
@@ -42,8 +43,7 @@ __all__ = ["StudyOptions", "StudyRun", "encode_override", "parse_args", "run_stu
 
 logger = logging.getLogger("scripts.study")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
+REPO_ROOT = REPO  # the repository the study's commands run in (scripts.paths)
 STUDY_FILE = "study.json"
 RESULT_FILE = "result.json"
 TRAINING_DONE_FILE = "training_done.json"
