@@ -148,7 +148,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     if len(sys.argv) > 1 and sys.argv[1] == "study":  # its own parser: fire would turn JSON false / null into strings
         sys.exit(study(sys.argv[2:]))
-    fire.Fire(commands())
+    fire.Fire(commands(), command=fire_arguments(sys.argv[1:]))
+
+
+def fire_arguments(args: list[str]) -> list[str]:
+    """``args`` for fire, with ``--help`` / ``-h`` moved behind ``--`` where fire reads its own flags: a command that
+    takes ``**overrides`` (export-onnx) would otherwise receive ``help=True`` as a config key and run."""
+    wanted = [arg for arg in args if arg not in ("--help", "-h")]
+    if len(wanted) == len(args) or "--" in wanted:
+        return list(args)
+    return [*wanted, "--", "--help"]
 
 
 def commands() -> dict:

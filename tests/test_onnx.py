@@ -226,3 +226,16 @@ def test_export_rebuilds_the_recorded_network_and_stores_the_record(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # a record without class names (an older model.pt) gains the config's in the exported one
     assert stored_record(tmp_path / "model.onnx") == {**record, "class_names": ["background", "gland"]}
+
+
+def test_export_help_prints_the_options_and_exports_nothing(tmp_path):
+    """export-onnx takes ``--key value`` config keys, so ``--help`` must reach fire's help, not the export."""
+    from scripts.cli import fire_arguments
+
+    assert fire_arguments(["export-onnx", "--help"]) == ["export-onnx", "--", "--help"]
+    assert fire_arguments(["export-onnx", "--out", "m.onnx"]) == ["export-onnx", "--out", "m.onnx"]
+    result = run_python(["-m", "scripts.cli", "export-onnx", "--help"], cwd=tmp_path, env={"PAGER": "cat"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    shown = result.stdout + result.stderr  # fire prints its help on stderr
+    assert "cli export-onnx" in shown and "--int8_max_dice_loss" in shown
+    assert "Checkpoint" not in shown and list(tmp_path.iterdir()) == []
