@@ -98,6 +98,22 @@ def test_cli_refuses_int8_without_a_datalist_before_exporting(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
+def test_a_file_without_a_record_exports_int8_with_its_command_line_network_keys(demo_data, tmp_path):
+    """An older model.pt (no record) exports with --encoder_name etc. given; the int8 measurement then segments with
+    the same network and window (through model_overrides), instead of refusing those keys after the float export."""
+    from scripts.deploy.onnx import export_trained_model as export_command
+
+    torch.save({"model": tiny_network().state_dict()}, tmp_path / "model.pt")
+    keys = {key: RECORD[key] for key in ("encoder_name", "encoder_kwargs", "skip_channels", "decoder_channels")}
+    printed = export_command(ckpt=str(tmp_path / "model.pt"), out=str(tmp_path / "model.onnx"),
+                             example_size=[2, 3, 64, 64], int8="true", datalist=str(demo_data),
+                             int8_calibration_windows=4, int8_max_dice_loss=1.0, roi_size=[32, 32], **keys)
+    assert printed.split("\n")[1].startswith(f"{tmp_path / 'model.int8.onnx'}: Dice float32")
+    assert stored_record(tmp_path / "model.onnx") is None  # its window is not known to the file
+    figures = stored_record(tmp_path / "model.int8.onnx")[INT8_RECORD_KEY]
+    assert figures["images"] == 2
+
+
 def test_datalist_without_the_named_sections_is_refused(exported, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [], "validation": []}))

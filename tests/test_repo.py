@@ -106,6 +106,12 @@ def test_a_trained_model_record_wins_and_a_chosen_contradiction_is_refused(tmp_p
     with pytest.raises(ConfigError, match="'model_overrides' is 'vit_tiny'; give a JSON object"):
         trained_settings(three, "vit_tiny")
     assert trained_settings(None, {"roi_size": [48, 48]}) == model_record(roi_size=[48, 48])  # no init_weights
+    # model_overrides: every key was written by the user, so a default value is a choice as well
+    assert trained_settings(path, {"class_names": ["background", "gland"]}, explicit=True)["class_names"] == \
+        ["background", "gland"]
+    assert trained_settings(path, {"class_names": ["background", "gland"]})["class_names"] == ["background", "crypt"]
+    with pytest.raises(ConfigError, match=r"roi_size=\[32, 32\], but this run asks for roi_size=\[96, 96\]"):
+        trained_settings(path, {"roi_size": [96, 96]}, explicit=True)
     # an older file without a record, or the ONNX backend for model.pt: the config's values, as they are
     torch.save({"model": {}}, tmp_path / "old.pt")
     assert trained_settings(tmp_path / "old.pt", {"roi_size": [64, 64]})["roi_size"] == [64, 64]

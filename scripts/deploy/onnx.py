@@ -235,8 +235,8 @@ def export_trained_model(ckpt: str = "models/model.pt", out: str = "models/model
     from monai.bundle import ConfigParser
 
     from scripts.config import as_bool
-    from scripts.networks import (config_settings, load_trained_weights, network_from_record, stored_record,
-                                  trained_settings)
+    from scripts.networks import (RECORD_KEYS, config_settings, load_trained_weights, network_from_record,
+                                  stored_record, trained_settings)
 
     int8 = as_bool(int8, "int8")
     if int8 and not datalist:
@@ -259,8 +259,12 @@ def export_trained_model(ckpt: str = "models/model.pt", out: str = "models/model
         return str(exported)
     from scripts.deploy.quantize import describe_int8, export_int8
 
+    # the measuring pipelines read the exported file's record; without one, they get the settings built here
+    measured = {key: value for key, value in overrides.items() if key not in RECORD_KEYS}
+    if record is None:
+        measured["model_overrides"] = settings
     quantized, figures = export_int8(exported, int8_out or exported.with_suffix(".int8.onnx"), datalist, dataset_dir,
                                      int8_calibration_sections, int(int8_calibration_windows), int8_eval_section,
-                                     float(int8_max_dice_loss), config_file, overrides, float(label_threshold),
+                                     float(int8_max_dice_loss), config_file, measured, float(label_threshold),
                                      ops=int8_ops)
     return f"{exported}\n{quantized}: {describe_int8(figures)}"

@@ -134,9 +134,12 @@ class GlandTrainTask(TrainTask):
         elif (request.get("num_epochs") or 0) > 0:  # epochs asked for: a recipe's iteration budget must not win
             settings["num_epochs"], settings["num_iterations"] = request["num_epochs"], None
         finetune = request.get("finetune", True)
-        if finetune and self.model_path.is_file() and stored_record(self.model_path) is not None:
-            # Fine-tuning keeps the served network's shape: train.json builds it from init_weights' record.
+        record = stored_record(self.model_path) if finetune and self.model_path.is_file() else None
+        if record is not None:
+            # Fine-tuning keeps the served network's shape: train.json builds it from init_weights' record. The class
+            # count also sizes the data check and the prototypes, which train.json reads from num_classes.
             settings["init_weights"] = str(self.model_path)
+            settings["num_classes"] = record["num_classes"]
         settings.update({"datalist": str(datalist), "ckpt_dir": str(run_dir / "models"),
                          "output_dir": str(run_dir / "runs"), "bundle_root": str(self.bundle_root), "resume": False})
         # The settings travel as a config file of their own (last, so they win): on the command line fire would

@@ -16,7 +16,8 @@ Which value wins, for a model file that holds a record (one rule, decided from t
   run is refused.
 - Other network and window keys, when given: the record's. A value that differs from the record and from the
   default of a new training was chosen (on the command line, in a recipe or in a config file of your own) and
-  contradicts the model: the run is refused. A default gives way to the record's value, with a log line.
+  contradicts the model: the run is refused. A default gives way to the record's value, with a log line; in
+  ``model_overrides``, where every key was written by the user, a default is a choice too.
 - Label keys, when given: a chosen value (not the default) renames the classes and wins, since nothing is computed
   from it; the default gives way to the record's names.
 
@@ -206,7 +207,7 @@ def _shown(settings: Mapping[str, Any], keys) -> str:
 
 
 def trained_settings(ckpt_path: str | os.PathLike | None, settings: Mapping[str, Any] | None = None,
-                     key: str = "ckpt_path", enabled: bool | str = True) -> dict:
+                     key: str = "ckpt_path", enabled: bool | str = True, explicit: bool = False) -> dict:
     """The record a run builds its network and window from: that of ``ckpt_path``, with the config's values where
     the rule in this module's docstring lets them win.
 
@@ -218,6 +219,9 @@ def trained_settings(ckpt_path: str | os.PathLike | None, settings: Mapping[str,
             the keys it leaves out take the record's values. Defaults to none.
         key: the config key naming ``ckpt_path``, for the messages. Defaults to ``"ckpt_path"``.
         enabled: false for a backend that does not read ``ckpt_path`` (ONNX). Defaults to True.
+        explicit: every key of ``settings`` was written by the user (``model_overrides``), so a value equal to a
+            new training's default is a choice too: it renames, or it is refused when it contradicts the record.
+            Defaults to False (``settings`` holds a config's values, defaults included).
 
     Returns:
         A full record (every key of ``RECORD_FIELDS``).
@@ -243,7 +247,7 @@ def trained_settings(ckpt_path: str | os.PathLike | None, settings: Mapping[str,
     fields = _fields()
     stored = {name: _normalised(name, value) for name, value in stored.items() if name in fields}
     differing = [name for name, value in stored.items() if config[name] != value]
-    chosen = [name for name in differing if name in given and config[name] != model_record()[name]]
+    chosen = [name for name in differing if name in given and (explicit or config[name] != model_record()[name])]
     renamed = [name for name in chosen if fields[name].kind == "label"]
     for name in renamed:  # the chosen names win; nothing is computed from them
         logger.info("%s was trained with %s; the config's %s is used.", ckpt_path, _shown(stored, [name]),
