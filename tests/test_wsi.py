@@ -175,6 +175,27 @@ def test_geojson_polygons_cover_exactly_the_mask(tmp_path):
     assert union.area == pytest.approx(mask.sum() * 4.0)
 
 
+def test_tile_tracing_equals_the_union_of_its_pixels():
+    """The coverage union of run boxes is the union of the pixels' unit squares: same area, same parts (pixels that
+    touch only at a corner stay apart), no difference; on noise, blobs with holes, full, empty and one-row masks."""
+    from scripts.wsi.outputs import _pixel_polygons
+
+    rng = np.random.default_rng(7)
+    masks = [np.zeros((5, 7), bool), np.ones((9, 4), bool), np.eye(6, dtype=bool), np.array([[1, 0, 1, 1, 0, 1]], bool)]
+    for _ in range(60):
+        shape = tuple(rng.integers(1, 48, 2))
+        masks.append(rng.random(shape) < rng.uniform(0.2, 0.8))
+        masks.append(ndimage.binary_opening(rng.random(shape) < 0.6) ^ (rng.random(shape) < 0.05))
+    for mask in masks:
+        traced = _pixel_polygons(mask, 3, 5)
+        yy, xx = np.nonzero(mask)
+        pixels = shapely.union_all(shapely.box(xx + 5, yy + 3, xx + 6, yy + 4))
+        assert traced.is_valid and traced.area == mask.sum()
+        assert traced.symmetric_difference(pixels).area == 0
+        assert len(shapely.get_parts(traced)) == len(shapely.get_parts(pixels)) == \
+            (ndimage.label(mask)[1] if mask.any() else 0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_segmented_slide_equals_whole_image_segmentation(slide, tmp_path, backend):
     inferer = SlidingWindowInferer((32, 32), sw_batch_size=8, overlap=0.25, mode="gaussian")

@@ -93,8 +93,16 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
     return shapes
 
 
-def _run_boxes(mask: np.ndarray, top: int, left: int):
-    """Shapely boxes of the horizontal runs of ``mask``, in grid coordinates (pixel edges, not centres)."""
+def _pixel_polygons(mask: np.ndarray, top: int, left: int):
+    """The pixels of ``mask`` as polygons along pixel edges (not centres), in grid coordinates: one geometry, empty
+    when no pixel is set.
+
+    Each horizontal run of pixels is a box (identical runs of consecutive rows make one taller box). The boxes tile
+    the mask without overlap, and each box's top and bottom edges also carry the run ends of the row above and
+    below, so that boxes sharing an edge share its vertices: a valid coverage, which GEOS unites by cancelling the
+    shared edges (``coverage_union_all``), several times faster than a general union of the same boxes and with the
+    same result.
+    """
     import shapely
 
     padded = np.zeros((mask.shape[0], mask.shape[1] + 2), np.int8)
@@ -103,16 +111,39 @@ def _run_boxes(mask: np.ndarray, top: int, left: int):
     rows, starts = np.nonzero(change == 1)
     _, ends = np.nonzero(change == -1)
     if len(rows) == 0:
-        return shapely.box([], [], [], [])
-    # the same run in consecutive rows becomes one taller box: fewer boxes make the union several times faster
-    code = starts * (mask.shape[1] + 2) + ends
+        return shapely.GeometryCollection()
+    width = mask.shape[1] + 2
+    # every run end, sorted by (row, x): the vertices a row puts on the edges it shares with the rows beside it
+    ends_by_row = np.sort(np.concatenate([rows * width + starts, rows * width + ends]))
+    code = starts * width + ends
     order = np.lexsort((rows, code))
     rows, starts, ends, code = rows[order], starts[order], ends[order], code[order]
     first = np.ones(len(rows), bool)
     first[1:] = (code[1:] != code[:-1]) | (rows[1:] != rows[:-1] + 1)
     heads = np.flatnonzero(first)
     last_rows = np.maximum.reduceat(rows, heads)
-    return shapely.box(left + starts[heads], top + rows[heads], left + ends[heads], top + last_rows + 1)
+    first_rows, starts, ends = rows[heads], starts[heads], ends[heads]
+    # run ends of the row above strictly inside (start, end) go on the top edge; of the row below, on the bottom
+    top_lo = np.searchsorted(ends_by_row, (first_rows - 1) * width + starts, "right")
+    top_count = np.searchsorted(ends_by_row, (first_rows - 1) * width + ends, "left") - top_lo
+    bottom_hi = np.searchsorted(ends_by_row, (last_rows + 1) * width + ends, "left")
+    bottom_count = bottom_hi - np.searchsorted(ends_by_row, (last_rows + 1) * width + starts, "right")
+    # each ring: top-left, the top edge's inner vertices left to right, top-right, bottom-right, the bottom edge's
+    # inner vertices right to left, bottom-left
+    sizes = 4 + top_count + bottom_count
+    ring = np.repeat(np.arange(len(heads)), sizes)
+    position = np.arange(len(ring)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    n_top, n_bottom = top_count[ring], bottom_count[ring]
+    upper, lower = first_rows[ring], last_rows[ring] + 1
+    x = np.where(position <= n_top, starts[ring], ends[ring])  # top-left, then top-right from position n_top + 1
+    y = np.where(position <= n_top + 1, upper, lower)
+    x = np.where(position == sizes[ring] - 1, starts[ring], x)  # bottom-left
+    on_top = (position >= 1) & (position <= n_top)
+    x[on_top] = ends_by_row[top_lo[ring[on_top]] + position[on_top] - 1] % width
+    on_bottom = (position >= n_top + 3) & (position < n_top + 3 + n_bottom)
+    x[on_bottom] = ends_by_row[bottom_hi[ring[on_bottom]] - 1 - (position[on_bottom] - n_top[on_bottom] - 3)] % width
+    coords = np.stack([x + left, y + top], axis=1).astype(float)
+    return shapely.coverage_union_all(shapely.polygons(shapely.linearrings(coords, indices=ring)))
 
 
 class _PieceGroups:
@@ -162,9 +193,9 @@ def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int
     """Writes the mask of tiled TIFF ``level0`` as a GeoJSON FeatureCollection of QuPath annotations.
 
     Polygons follow pixel edges, so the pieces of a gland cut by tile borders join exactly. Each tile is traced
-    (the union of its pixel runs); a piece that touches a piece of the same row or of the row above's lower edge
-    joins its group; a group with no piece on the current row's lower edge is final: it is united once, simplified
-    and written out. Memory holds one tile and the pieces of the objects still open.
+    (the coverage union of its pixel runs, ``_pixel_polygons``); a piece that touches a piece of the same row or of
+    the row above's lower edge joins its group; a group with no piece on the current row's lower edge is final: it
+    is united once, simplified and written out. Memory holds one tile and the pieces of the objects still open.
 
     Args:
         level0: the full-resolution mask (values are class index x ``mask_scale``).
@@ -203,7 +234,8 @@ def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int
                         counts[f"{name} (below min_area)"] = counts.get(f"{name} (below min_area)", 0) + 1
                         continue
                     if simplify > 0:
-                        poly = poly.simplify(simplify, preserve_topology=True)
+                        # from a canonical start vertex and orientation, so the result depends on the shape only
+                        poly = shapely.normalize(poly).simplify(simplify, preserve_topology=True)
                     poly = shapely.transform(poly, lambda xy: xy * factors)
                     feature = {
                         "type": "Feature",
@@ -225,9 +257,9 @@ def mask_to_geojson(level0: str | os.PathLike, out: str | os.PathLike, tile: int
                 for left in range(0, width, tile):
                     block = level.read(top, left, bottom - top, min(tile, width - left))[..., 0]
                     for cls in classes:
-                        boxes = _run_boxes(block == cls * step, top, left)
-                        if len(boxes):
-                            new[cls].extend(groups[cls].add(p) for p in shapely.get_parts(shapely.union_all(boxes)))
+                        pieces = _pixel_polygons(block == cls * step, top, left)
+                        if not pieces.is_empty:
+                            new[cls].extend(groups[cls].add(p) for p in shapely.get_parts(pieces))
                 for cls in classes:
                     group, candidates = groups[cls], frontier[cls] + new[cls]
                     if new[cls]:
