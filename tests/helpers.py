@@ -5,6 +5,7 @@ Test files import from here (never from each other); fixtures live in conftest.p
 
 import contextlib
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -79,9 +80,12 @@ def fake_kpi(root):
 TINY_ENCODER = {"depth": 2}
 TINY_DECODER = {"skip_channels": (32, 16, 8), "decoder_head_channels": 32, "decoder_channels": (16, 16, 8, 8), "embed_dim": 16}
 
-# Network overrides of the tiny test network on the command line.
-NET_ARGS = ["--encoder_name", "vit_tiny", "--encoder_kwargs", "{'depth': 1}", "--skip_channels", "[16,8,8]",
-            "--decoder_channels", "[16,16,8,8]"]
+# The network keys of the tiny test network (tiny_network()), and the same as command-line overrides.
+TINY_KEYS = {"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
+             "decoder_channels": [16, 16, 8, 8]}
+NET_ARGS = [token for key, value in TINY_KEYS.items() for token in (f"--{key}", json.dumps(value))]
+# inference.json's model_overrides for the tiny network saved or exported without a record (window 32).
+LEGACY_OVERRIDES = {**TINY_KEYS, "roi_size": [32, 32]}
 
 
 def tiny_network():
@@ -95,8 +99,7 @@ def tiny_record(**changes) -> dict:
     """The record training writes into model.pt for ``tiny_network()`` (window 32 x 32), with ``changes``."""
     from scripts.networks import model_record
 
-    return model_record(**{"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
-                           "decoder_channels": [16, 16, 8, 8], "roi_size": [32, 32], **changes})
+    return model_record(**{**TINY_KEYS, "roi_size": [32, 32], **changes})
 
 
 def save_tiny_model(path, record: dict | None = None, network=None) -> Path:

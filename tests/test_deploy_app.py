@@ -18,13 +18,12 @@ from scripts.deploy import export_onnx
 from scripts.deploy.app import ImageFolderLoader, MaskWriter, TiledOnnxSegmenter, resolve_model_path
 from scripts.deploy.app.stage import stage_app
 from scripts.errors import ConfigError
-from tests.helpers import REPO, run_python, subprocess_env, tiny_network
+from tests.helpers import LEGACY_OVERRIDES, REPO, run_python, subprocess_env, tiny_network
 
 APP = REPO / "scripts" / "deploy" / "app"
 ROI = [32, 32]
 # The tiny network's keys and window, for the model exported without its record: inference.json's model_overrides.
-LEGACY = {"model_overrides": {"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1}, "skip_channels": [16, 8, 8],
-                              "decoder_channels": [16, 16, 8, 8], "roi_size": ROI}}
+LEGACY = {"model_overrides": LEGACY_OVERRIDES}
 LEGACY_ARGS = ["--model_overrides", json.dumps(LEGACY["model_overrides"])]
 try:
     import monai.deploy.core  # noqa: F401

@@ -12,20 +12,16 @@ from PIL import Image
 
 from scripts.deploy import OnnxSegmenter, check_onnx_parity, export_onnx
 from scripts.errors import ConfigError
-from scripts.networks import UNITransUNet, model_record, stored_record
-from tests.helpers import NET_ARGS, run_python, tiny_network
+from scripts.networks import UNITransUNet, stored_record
+from tests.helpers import LEGACY_OVERRIDES, NET_ARGS, run_python, tiny_network, tiny_record
 
 REPO = Path(__file__).resolve().parent.parent
 INFERENCE = REPO / "bundle" / "configs" / "inference.json"
 # The tiny network's keys and window for its model.pt and ONNX file exported without a record, as older versions
 # wrote them: inference takes them from model_overrides.
-LEGACY = ["--model_overrides", json.dumps({"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1},
-                                           "skip_channels": [16, 8, 8], "decoder_channels": [16, 16, 8, 8],
-                                           "roi_size": [32, 32]})]
+LEGACY = ["--model_overrides", json.dumps(LEGACY_OVERRIDES)]
 # The record of tiny_network() as training writes it into model.pt.
-TINY_RECORD = model_record(num_classes=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1}, n_skip=3,
-                           skip_channels=[16, 8, 8], decoder_channels=[16, 16, 8, 8], embed_dim=512, hybrid=False,
-                           roi_size=[64, 64], image_scale=1.0, class_names=["background", "gland"])
+TINY_RECORD = tiny_record(roi_size=[64, 64])
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,11 @@ from scripts.deploy.quantize import (INT8_RECORD_KEY, calibration_windows, expor
                                      quantize_onnx)
 from scripts.errors import ConfigError, RunError
 from scripts.inference import InferencePipeline
-from scripts.networks import model_record, stored_record
-from tests.helpers import tiny_network
+from scripts.networks import stored_record
+from tests.helpers import tiny_network, tiny_record
 
 # tiny_network()'s record, with the window the demo fixture's 96 x 128 images are segmented in.
-RECORD = model_record(num_classes=2, encoder_name="vit_tiny", encoder_kwargs={"depth": 1}, n_skip=3,
-                      skip_channels=[16, 8, 8], decoder_channels=[16, 16, 8, 8], embed_dim=512, hybrid=False,
-                      roi_size=[64, 64], image_scale=1.0, class_names=["background", "gland"])
+RECORD = tiny_record(roi_size=[64, 64])
 
 
 @pytest.fixture(scope="module")

@@ -174,6 +174,8 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
     from scripts.config import as_bool
 
     slides = as_bool(slides, "slides")
+    if datalist and not ckpt:
+        raise SystemExit("--datalist measures the Dice of a trained model: give --ckpt models/model.pt too.")
     workdir = workdir or tempfile.mkdtemp(prefix="mpamatch_throughput_")
     recipe = str(REPO / recipe) if recipe and not os.path.isabs(recipe) else recipe
     rows = []
@@ -260,8 +262,6 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
             emit(_measure_slide(configs, bundle_root, slide, workdir, name, overrides, tile, start_matmul))
 
     if datalist:
-        if not ckpt:
-            raise SystemExit("--datalist measures the Dice of a trained model: give --ckpt models/model.pt too.")
         settings = [{"wsi_shared_windows": False}, {"wsi_shared_windows": True},
                     {"wsi_shared_windows": True, "sw_overlap": 0.125}]
         for row in accuracy(datalist, ckpt, recipe, workdir, settings, preset=preset):

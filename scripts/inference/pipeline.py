@@ -98,6 +98,9 @@ class InferencePipeline:
         self.backend = backend
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.overrides = dict(overrides or {})
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in self.config_files])
+        self._check_overrides(parser)
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._parts: dict[str, Any] = {}
@@ -136,7 +139,6 @@ class InferencePipeline:
         settings = {"bundle_root": str(self.config_file.parents[1]), model_key: str(self.model_path),
                     "backend": self.backend, "device": self.device, "output_dir": tempfile.gettempdir(),
                     **self.overrides}
-        self._check_overrides(parser)
         for key, value in settings.items():
             parser[key] = value
         network = parser.get_parsed_content("network")

@@ -236,13 +236,6 @@ def build_text_prototypes(source: str | None, num_classes: int, embed_dim: int, 
                           ) -> TextPrototypes | None:
     """The text-prototype module for config key ``text_source`` (``prompt``, ``file``, ``random`` or None), on
     ``device`` when given."""
-    module = _text_prototypes(source, num_classes, embed_dim, class_descriptions, arch, weights, prototype_file, n_ctx,
-                              ctx_init, temperature, learnable_scale, text_cfg, tokenizer_file)
-    return module.to(device) if module is not None and device is not None else module
-
-
-def _text_prototypes(source, num_classes, embed_dim, class_descriptions, arch, weights, prototype_file, n_ctx, ctx_init,
-                     temperature, learnable_scale, text_cfg, tokenizer_file) -> TextPrototypes | None:
     if source is None or source == "none":
         return None
     if source == "prompt":
@@ -250,14 +243,16 @@ def _text_prototypes(source, num_classes, embed_dim, class_descriptions, arch, w
             raise ConfigError(
                 f"class_descriptions has {len(class_descriptions)} entries for {num_classes} classes; give one per class."
             )
-        return PromptTextPrototypes(class_descriptions, embed_dim, arch, weights, n_ctx, ctx_init,
-                                    temperature=temperature, learnable_scale=learnable_scale, text_cfg=text_cfg,
-                                    tokenizer_file=tokenizer_file)
-    if source == "file":
-        return FixedTextPrototypes(prototype_file or "", num_classes, embed_dim, temperature, learnable_scale)
-    if source == "random":
-        return RandomTextPrototypes(num_classes, embed_dim, temperature, learnable_scale)
-    raise ConfigError(f"text_source='{source}' is not one of 'prompt', 'file', 'random' or 'none'.")
+        module = PromptTextPrototypes(class_descriptions, embed_dim, arch, weights, n_ctx, ctx_init,
+                                      temperature=temperature, learnable_scale=learnable_scale, text_cfg=text_cfg,
+                                      tokenizer_file=tokenizer_file)
+    elif source == "file":
+        module = FixedTextPrototypes(prototype_file or "", num_classes, embed_dim, temperature, learnable_scale)
+    elif source == "random":
+        module = RandomTextPrototypes(num_classes, embed_dim, temperature, learnable_scale)
+    else:
+        raise ConfigError(f"text_source='{source}' is not one of 'prompt', 'file', 'random' or 'none'.")
+    return module.to(device) if device is not None else module
 
 
 def save_text_prototypes(out: str, class_descriptions: Sequence[str], arch: str = "ViT-B-16", weights: str | None = None,

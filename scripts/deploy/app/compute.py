@@ -20,6 +20,7 @@ from scripts.data import read_image
 from scripts.errors import ConfigError
 from scripts.inference import InferenceInputs, InferencePipeline, SavePredictiond, output_stem, scan_inputs
 from scripts.inference.pipeline import image_reader
+from scripts.networks import checked_overrides
 
 __all__ = ["ImageFolderLoader", "TiledOnnxSegmenter", "MaskWriter", "resolve_model_path"]
 
@@ -118,8 +119,7 @@ class TiledOnnxSegmenter:
     def __init__(self, model_path: str | os.PathLike, overrides: dict | None = None,
                  config_file: str | os.PathLike | None = None):
         overrides = dict(overrides or {})
-        model_overrides = overrides.get("model_overrides")
-        roi_size = model_overrides.get("roi_size") if isinstance(model_overrides, dict) else None
+        roi_size = checked_overrides(overrides.get("model_overrides")).get("roi_size")
         if roi_size is not None and (len(roi_size) != 2 or min(roi_size) < 1):
             raise ConfigError(f"roi_size={list(roi_size)} (app.yaml, section 'inference', model_overrides): give two "
                               "positive sides, e.g. [96, 96].")
