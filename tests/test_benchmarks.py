@@ -38,6 +38,26 @@ def test_gpu_checks_put_the_wanted_figures_first_and_fit_the_default_budget(tmp_
     assert default_budget + 30 <= 8 * 60  # the checks plus start-up end within 8 minutes
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_throughput_measures_bfloat16_only_where_the_cpu_computes_it(tmp_path, capsys, monkeypatch, native):
+    import scripts.inference.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: native)
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({"encoder_name": "vit_tiny", "encoder_kwargs": {"depth": 1},
+                                  "skip_channels": [16, 8, 8], "decoder_channels": [16, 16, 8, 8],
+                                  "roi_size": [32, 32], "image_scale": 0.5}))
+    throughput.main(recipe=str(recipe), seconds=0.2, workdir=str(tmp_path / "work"), backends="pytorch-bf16",
+                    slides=False)
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    windows = [r for r in rows if r["kind"] == "windows"]
+    if native:
+        assert [r["name"] for r in windows] == ["pytorch-bf16"] and windows[0]["windows_per_s"] > 0
+    else:
+        assert windows == [] and "pytorch-bf16 left out: this CPU has neither AVX512-BF16 nor AMX" in out
+
+
 def test_throughput_measures_windows_and_slides_end_to_end(tmp_path, capsys):
     """A tiny network on a small generated slide: every row is there, and the slide rows add up."""
     from scripts.wsi import write_synthetic_slide

@@ -83,7 +83,6 @@ def test_roi_size_of_the_wrong_length_names_the_key():
 @pytest.mark.parametrize("files,item", [
     (["train.json"], "validate#evaluator#amp_kwargs"),
     (["train.json", "evaluate.json"], "validate#evaluator#amp_kwargs"),
-    (["inference.json"], "evaluator#amp_kwargs"),
 ])
 def test_validation_evaluation_and_inference_autocast_in_the_configured_dtype(files, item):
     import torch
@@ -94,6 +93,22 @@ def test_validation_evaluation_and_inference_autocast_in_the_configured_dtype(fi
         parser.read_config([str(CONFIGS / name) for name in files])
         parser["amp_dtype"] = dtype
         assert parser.get_parsed_content(item) == {"dtype": getattr(torch, dtype)}
+
+
+def test_inference_autocasts_in_the_configured_dtype():
+    """inference.json autocasts in its inferer (so MONAI Label and the Deploy app, which call the inferer, do too);
+    MONAI's evaluator, which would autocast on CUDA only, is left out of it."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    for dtype in ("bfloat16", "float16"):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "inference.json")])
+        parser.update({"amp_dtype": dtype, "amp": True, "device": "$torch.device('cuda')"})
+        assert parser.get_parsed_content("inferer").autocast == getattr(torch, dtype)
+        assert parser.get_parsed_content("evaluator#amp") is False
+    parser["amp"] = False
+    assert parser.get_parsed_content("inferer").autocast is None
 
 
 def test_whole_slide_segmenter_takes_the_configured_dtype():

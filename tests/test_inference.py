@@ -136,3 +136,78 @@ def test_scaled_inferer_runs_at_the_scale_and_returns_the_input_size():
     torch.testing.assert_close(ScaledInferer(SimpleInferer(), scale=1.0)(x, network), network(x))
     with pytest.raises(ValueError, match="image_scale=0"):
         ScaledInferer(SimpleInferer(), scale=0)
+
+
+# ------------------------------------------------------------------------------------------ amp on the CPU
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_scaled_inferer_autocasts_the_network_and_returns_float32(scale):
+    """With ``autocast`` the network's convolutions run in bfloat16 (on the CPU here); the inferer hands back float32
+    logits, resized in float32, and close to float32's."""
+    from monai.inferers import SlidingWindowInferer
+
+    from scripts.inference import ScaledInferer
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    seen = []
+
+    def network(x):
+        out = conv(x)
+        seen.append(out.dtype)
+        return out
+
+    x = torch.rand(1, 3, 64, 48)
+    window = SlidingWindowInferer((16, 16), sw_batch_size=2, overlap=0.25, mode="gaussian")
+    plain = ScaledInferer(window, scale=scale)(x, network)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    halved = ScaledInferer(window, scale=scale, autocast=torch.bfloat16)(x, network)
+    assert set(seen) == {torch.bfloat16} and halved.dtype == torch.float32
+    from scripts.inference.scale import rescale_image
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the network's windows; blending and resizing in float32
+        by_hand = window(rescale_image(x, scale), network).float()
+    by_hand = torch.nn.functional.interpolate(by_hand, size=(64, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(halved, by_hand)
+    assert not torch.equal(halved, plain)
+    torch.testing.assert_close(halved, plain, atol=0.05, rtol=0.05)
+
+
+def test_amp_on_the_cpu_needs_native_bfloat16(monkeypatch):
+    """``amp`` on the CPU is bfloat16 where the CPU computes it; without AVX512-BF16 / AMX, or in float16, it is
+    refused with the key to change; off, or with the ONNX backend, the network runs as it is."""
+    import scripts.inference.precision as precision
+    from scripts.errors import ConfigError
+
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: True)
+    assert precision.autocast_dtype(True, "bfloat16", "cpu") == torch.bfloat16
+    assert precision.autocast_dtype("true", "float16", "cuda") == torch.float16
+    assert precision.autocast_dtype(False, "bfloat16", "cpu") is None
+    assert precision.autocast_dtype(True, "bfloat16", "cpu", backend="onnx") is None
+    with pytest.raises(ConfigError, match=r"'amp' on the CPU runs in bfloat16 only.*--amp_dtype bfloat16"):
+        precision.autocast_dtype(True, "float16", "cpu")
+    with pytest.raises(ConfigError, match=r"'amp_dtype' 'half_precision' is not a torch floating-point dtype"):
+        precision.autocast_dtype(True, "half_precision", "cuda")
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: False)
+    with pytest.raises(ConfigError, match=r"neither AVX512-BF16 nor AMX.*--amp false"):
+        precision.autocast_dtype(True, "bfloat16", "cpu")
+    assert precision.autocast_dtype(True, "bfloat16", "cuda") == torch.bfloat16
+
+
+def test_inference_config_refuses_amp_on_a_cpu_without_bfloat16(monkeypatch):
+    import scripts.inference.precision as precision
+    from scripts.errors import ConfigError
+
+    from scripts.paths import config_path
+    from tests.helpers import tiny_record
+
+    parser = ConfigParser()
+    parser.read_config([str(config_path("inference.json"))])
+    parser.update({"amp": True, "device": "$torch.device('cpu')", "model_settings": tiny_record()})
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: True)
+    assert parser.get_parsed_content("inferer").autocast == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: False)
+    parser.parse(reset=True)
+    with pytest.raises(RuntimeError) as raised:  # MONAI's config reader wraps the error it met
+        parser.get_parsed_content("inferer")
+    assert isinstance(raised.value.__cause__, ConfigError) and "neither AVX512-BF16" in str(raised.value.__cause__)

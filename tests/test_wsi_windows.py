@@ -203,3 +203,46 @@ def test_background_windows_are_skipped_and_reading_ahead_changes_nothing(tmp_pa
     inside = np.kron(tissue, np.ones((16, 16), bool))[:768, :1024]
     np.testing.assert_array_equal(masks["skip"][inside], masks["all"][inside])
     assert masks["all"][~inside].mean() > 0.1 and masks["skip"][~inside].mean() < 0.5 * masks["all"][~inside].mean()
+
+
+class RecordingNet(DarkInContext):
+    """DarkInContext plus a small convolution, which notes the dtype it computes in."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 5, padding=2)
+        self.dtypes = set()
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.dtypes.add(y.dtype)
+        return super().forward(x) + 0.3 * y
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_amp_on_the_cpu_segments_slides_in_bfloat16(tmp_path, monkeypatch, shared):
+    """``amp`` on a CPU that computes bfloat16: the network runs in it (on the shared grid and tile by tile), the
+    summary's settings say so (a slide done in float32 is redone), and the mask stays close to float32's. On a CPU
+    without it the segmenter is refused before any slide is read."""
+    import scripts.inference.precision as precision
+    from scripts.errors import ConfigError
+
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: True)
+    slide = write_synthetic_slide(tmp_path / "s.tif", 520, 700, tile=128, mpp=0.5, seed=3)
+    inferer, _ = bundle_inferer(0.5, False, roi=(32, 32))
+    masks, summaries = {}, {}
+    for amp in (False, True):
+        net = RecordingNet()
+        segmenter = SlideSegmenter(net, inferer, tmp_path / "out", num_classes=2, tile_size=128, halo=32,
+                                   mask_scale=1, tissue_detection=False, shared_windows=shared, amp=amp,
+                                   progress=False)
+        summaries[amp] = segmenter.segment(str(slide))
+        masks[amp] = tifffile.imread(summaries[amp]["outputs"]["mask"], level=0)
+        assert net.dtypes == ({torch.bfloat16} if amp else {torch.float32})
+    assert summaries[False]["settings"]["autocast"] is None and summaries[True]["settings"]["autocast"] == "bfloat16"
+    assert 0.1 < masks[False].mean() < 0.9
+    assert (masks[True] == masks[False]).mean() > 0.99
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: False)
+    with pytest.raises(ConfigError, match="neither AVX512-BF16 nor AMX"):
+        SlideSegmenter(RecordingNet(), inferer, tmp_path / "no", num_classes=2, amp=True)

@@ -6,7 +6,8 @@
 Each measurement runs in a fresh process so that its peak resident memory (ru_maxrss) is its own. The network
 is the demo configuration of inference.json with random weights (speed does not depend on the weights); the
 2048 x 2048 image goes through the sliding window of inference.json (window 96, overlap 0.25, Gaussian). With
-CUDA, the PyTorch network runs on the GPU (``--amp true``: bf16 autocast) and ONNX Runtime uses its CUDA provider
+CUDA, the PyTorch network runs on the GPU (``--amp true``: bf16 autocast; on a CPU with AVX512-BF16 or AMX it
+takes effect there too) and ONNX Runtime uses its CUDA provider
 when onnxruntime-gpu finds CUDA; the table names the provider each row used.
 
 ``--recipe`` merges a recipe over inference.json (its network; ``--encoder_name`` is then ignored), ``--tile_size``
@@ -65,7 +66,10 @@ def _measure(backend: str, kind: str, encoder_name: str, tiles: int, repeats: in
     else:
         batch, count = torch.randn(1, 3, 2048, 2048, device=device), 1
         run = lambda: inferer(batch, model)  # noqa: E731
-    amp = amp and backend == "pytorch" and device.type == "cuda"  # CPU bf16 autocast is slower, not faster
+    from scripts.inference import cpu_computes_bfloat16
+
+    # on a CPU, bfloat16 only where it is computed natively (elsewhere emulated, and slower than float32)
+    amp = amp and backend == "pytorch" and (device.type == "cuda" or cpu_computes_bfloat16())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     with torch.no_grad(), autocast:
         run()  # warm-up

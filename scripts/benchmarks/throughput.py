@@ -11,7 +11,8 @@ Prints, one JSON line each as it goes, then as a Markdown table:
    end of the run (a drift between the two means something else used the cores).
 2. ``windows``: the network alone on batches of ``sw_batch_size`` windows of the inference window (``roi_size``):
    windows per second, GFLOP/s (``torch.utils.flop_counter`` count per window) and that rate's ratio to the
-   matrix product, for PyTorch (default memory order and channels-last) and ONNX Runtime float32 and int8 (CPU).
+   matrix product, for PyTorch (default memory order and channels-last; ``pytorch-bf16``: channels-last under
+   bfloat16 autocast, on a CPU that computes it natively or on CUDA) and ONNX Runtime float32 and int8 (CPU).
 3. ``slide``: ``inference.json`` + ``inference_wsi.json`` (+ ``--recipe``) end to end on the generated demo slide
    (3072 x 4096, ten 1024 x 1024 tissue tiles; ``--slide`` names another), each run in a fresh ``monai.bundle run``
    process: seconds for
@@ -19,7 +20,8 @@ Prints, one JSON line each as it goes, then as a Markdown table:
    load are in ``command_s``), tissue megapixels per second (segmented tiles' area / slide seconds), the shares of
    reading (waited for; reads run on a thread beside the network), segmenting and writing, windows computed,
    Mpx/s per matmul-GFLOP/s, and the peak resident memory of the process. Per backend, with TTA off and on,
-   with the shared window grid and tile by tile (``wsi_shared_windows``).
+   with the shared window grid and tile by tile (``wsi_shared_windows``); ``pytorch-bf16`` is inference's
+   ``--amp true``.
 
 Without ``--ckpt`` the network is the recipe's (or ``inference.json``'s default) with random weights, which run
 as fast as trained ones; without ``--onnx`` it is exported here, and without ``--int8_onnx`` quantised here on
@@ -27,8 +29,8 @@ windows of the demo slide (speed only: ``export-onnx --int8`` measures an int8 m
 
 ``--datalist FILE --ckpt model.pt [--preset bundle/configs/datasets/glas.json]`` adds ``accuracy``: the labelled
 ``test`` images of the datalist, each written as a one-level TIFF and segmented through the whole-slide path tile
-by tile, on the shared window grid, and on it with overlap 0.125: mean Dice of the gland class and pixel agreement
-with the tile-by-tile masks.
+by tile, on the shared window grid, on it with overlap 0.125, and on it in bfloat16 (``amp``, where the CPU computes
+it natively): mean Dice of the gland class and pixel agreement with the tile-by-tile masks.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def accuracy(datalist: str, ckpt: str, recipe: str, workdir: str, settings: list
 
 
 def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: str = "", int8_onnx: str = "",
-         seconds: float = 5.0, workdir: str = "", backends: str = "pytorch,onnx,onnx-int8",
+         seconds: float = 5.0, workdir: str = "", backends: str = "pytorch,pytorch-bf16,onnx,onnx-int8",
          slides: bool = True, datalist: str = "", preset: str = "", slide: str = "") -> None:
     """Prints the figures as JSON lines, then a Markdown table (see the module's docstring)."""
     import numpy as np
@@ -168,6 +170,7 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
     from torch.utils.flop_counter import FlopCounterMode
 
     from scripts.deploy import OnnxSegmenter, export_onnx
+    from scripts.inference import precision
     from scripts.networks import load_trained_weights, model_record, network_from_record, stored_record
     from scripts.wsi import demo_slide
 
@@ -209,6 +212,10 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
     gflop = counter.get_total_flops() / 1e9
 
     wanted = [b.strip() for b in (backends.split(",") if isinstance(backends, str) else backends)]
+    bf16 = precision.cpu_computes_bfloat16()
+    if "pytorch-bf16" in wanted and not bf16:
+        print("pytorch-bf16 left out: this CPU has neither AVX512-BF16 nor AMX.", flush=True)
+        wanted.remove("pytorch-bf16")
     onnx_files = {}
     if "onnx" in wanted or "onnx-int8" in wanted:
         onnx_files["onnx"] = onnx or str(export_onnx(network, os.path.join(bundle_root, "models", "model.onnx"),
@@ -228,17 +235,19 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
     if "pytorch" in wanted:
         models["pytorch"] = network
         models["pytorch-channels-last"] = network
+    if "pytorch-bf16" in wanted:
+        models["pytorch-bf16"] = network
     for name in ("onnx", "onnx-int8"):
         if name in onnx_files:
             models[name] = OnnxSegmenter(onnx_files[name], num_classes, providers=["CPUExecutionProvider"])
     for name, model in models.items():
         x = batch
-        if name == "pytorch-channels-last":
+        if name in ("pytorch-channels-last", "pytorch-bf16"):
             model = model.to(memory_format=torch.channels_last)
             x = batch.contiguous(memory_format=torch.channels_last)
-        rate = _window_rate(model, x, seconds)
-        if name == "pytorch-channels-last":
-            network.to(memory_format=torch.contiguous_format)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "pytorch-bf16"):
+            rate = _window_rate(model, x, seconds)
+        network.to(memory_format=torch.contiguous_format)
         emit({"kind": "windows", "name": name, "roi": roi, "batch": batch_size, "windows_per_s": round(rate, 1),
               "gflop_per_window": round(gflop, 3), "gflops": round(rate * gflop, 1),
               "ratio_to_matmul": round(rate * gflop / start_matmul, 3)})
@@ -255,6 +264,8 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
                 for shared in (True, False):
                     overrides = {"backend": "onnx" if backend.startswith("onnx") else "pytorch",
                                  "tta": str(tta).lower(), "wsi_shared_windows": str(shared).lower()}
+                    if backend == "pytorch-bf16":
+                        overrides["amp"] = "true"
                     if backend.startswith("onnx"):
                         overrides["onnx_path"] = onnx_files[backend]
                     runs.append((f"{backend}{'-tta' if tta else ''}{'' if shared else '-per-tile'}", overrides))
@@ -264,6 +275,7 @@ def main(recipe: str = "bundle/configs/recipes/cpu.json", ckpt: str = "", onnx: 
     if datalist:
         settings = [{"wsi_shared_windows": False}, {"wsi_shared_windows": True},
                     {"wsi_shared_windows": True, "sw_overlap": 0.125}]
+        settings += [{"wsi_shared_windows": True, "amp": True}] if bf16 else []
         for row in accuracy(datalist, ckpt, recipe, workdir, settings, preset=preset):
             rows.append(row)
 

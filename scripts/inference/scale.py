@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ class ScaledInferer(Inferer):
     Args:
         inferer: the inferer to wrap, e.g. a ``SlidingWindowInferer``.
         scale: the factor applied to height and width; 1.0 passes the input through untouched. Defaults to 1.0.
+        autocast: run the network under ``torch.autocast`` in this dtype on the input's device (inference's
+            ``amp``, see ``scripts.inference.precision.autocast_dtype``); the logits come back as float32, and a
+            sliding window blends them in the input's float32. Defaults to None (no autocast).
 
     Examples::
 
@@ -37,17 +41,20 @@ class ScaledInferer(Inferer):
         logits = inferer(image, network)  # same height and width as image
     """
 
-    def __init__(self, inferer: Inferer, scale: float = 1.0):
+    def __init__(self, inferer: Inferer, scale: float = 1.0, autocast: torch.dtype | None = None):
         super().__init__()
         if not 0.0 < float(scale) <= 4.0:
             raise ValueError(f"image_scale={scale} must be in (0, 4], e.g. 0.5 to segment at half resolution.")
         self.inferer = inferer
         self.scale = float(scale)
+        self.autocast = autocast
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.scale == 1.0:
-            return self.inferer(inputs, network, *args, **kwargs)
-        size = tuple(inputs.shape[-2:])
-        logits = self.inferer(rescale_image(inputs, self.scale), network, *args, **kwargs)
+        # no autocast context without one: an inner ``autocast(enabled=False)`` would switch off a caller's
+        with torch.autocast(inputs.device.type, dtype=self.autocast) if self.autocast else nullcontext():
+            if self.scale == 1.0:
+                return self.inferer(inputs, network, *args, **kwargs).float()
+            size = tuple(inputs.shape[-2:])
+            logits = self.inferer(rescale_image(inputs, self.scale), network, *args, **kwargs)
         logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
         return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)

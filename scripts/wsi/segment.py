@@ -42,6 +42,7 @@ from scripts.data.transforms import IMAGENET_MEAN_255, IMAGENET_STD_255
 from scripts.config import as_bool
 from scripts.errors import ConfigError
 from scripts.files import atomic_path, write_text_atomically
+from scripts.inference.precision import check_cpu_autocast
 from scripts.wsi.outputs import mask_to_geojson, tile_grid, write_mask_pyramid, write_tiled_tiff
 from scripts.wsi.slide import choose_level, open_slide, region_at_scale
 from scripts.wsi.tissue import build_thumbnail, tissue_mask
@@ -113,8 +114,11 @@ class SlideSegmenter:
         halo: context margin read around each tile, in pixels, when tiles are segmented on their own (the shared
             window grid reads what its windows cover). Defaults to 64.
         device: where tiles are segmented. Defaults to CPU.
-        amp: autocast on CUDA. Defaults to False.
-        amp_dtype: autocast dtype (config key ``amp_dtype``). Defaults to ``"bfloat16"``.
+        amp: run a PyTorch network under autocast (config key ``amp``): on CUDA, and on a CPU that computes bfloat16
+            natively (AVX512-BF16 or AMX; elsewhere it is refused, as it would be emulated and slower). Defaults to
+            False.
+        amp_dtype: autocast dtype (config key ``amp_dtype``); on the CPU only ``"bfloat16"``. Defaults to
+            ``"bfloat16"``.
         mask_scale: stored value = class index x ``mask_scale`` (255 makes a binary mask 0/255). Defaults to None (1).
         tissue_detection: skip tiles without tissue. Defaults to True.
         tissue_downsample: thumbnail size relative to the processing grid. Defaults to 16.
@@ -173,6 +177,8 @@ class SlideSegmenter:
         self.level, self.mpp = level, mpp
         self.tile_size, self.halo = int(tile_size), int(halo)
         self.device, self.amp, self.amp_dtype = torch.device(device), as_bool(amp, "amp"), getattr(torch, amp_dtype)
+        if self.amp and self.device.type == "cpu" and isinstance(network, torch.nn.Module):
+            check_cpu_autocast(self.amp_dtype)
         self.mask_scale = mask_scale
         tissue_detection, geojson = as_bool(tissue_detection, "tissue_detection"), as_bool(geojson, "wsi_geojson")
         overwrite = as_bool(overwrite, "wsi_overwrite")
@@ -226,6 +232,7 @@ class SlideSegmenter:
                 "min_tissue_fraction": self.min_tissue_fraction, "geojson": self.geojson, "simplify": self.simplify,
                 "min_object_area": self.min_object_area, "image_scale": getattr(self.inferer, "scale", 1.0),
                 "window_grid": "slide" if self.plan is not None else "tile",
+                "autocast": str(self.amp_dtype).removeprefix("torch.") if self._autocast() else None,
                 "skip_background_windows": self._skips_windows()}
 
     def _skips_windows(self) -> bool:
@@ -261,7 +268,7 @@ class SlideSegmenter:
     @torch.no_grad()
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
         image = self._normalized(region).to(self.device)[None]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self._autocast()):
             logits = self.inferer(image, self.network)
         return labels_from_logits(logits[0].float().cpu())
 
@@ -275,9 +282,12 @@ class SlideSegmenter:
                 self.network.to(memory_format=torch.channels_last)
                 self._channels_last = True
             windows = windows.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp and self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self._autocast()):
             logits = self.network(windows)
         return logits.float().cpu()
+
+    def _autocast(self) -> bool:
+        return self.amp and isinstance(self.network, torch.nn.Module) and self.device.type in ("cuda", "cpu")
 
     def _tissue(self, slide, level: int, factor: float, grid: tuple[int, int], png: Path):
         """The tissue mask of the processing grid at 1/``tissue_downsample`` (None without detection), its cut."""
