@@ -32,11 +32,13 @@ def _tile_iter(shape: Sequence[int], tile: int, read_tile: Callable[[int, int], 
         yield read_tile(top, left)
 
 
-def _write_page(writer: tifffile.TiffWriter, shape, tile: int, read_tile, mpp: float | None, **kwargs) -> None:
+def _write_page(writer: tifffile.TiffWriter, shape, tile: int, tiles: Iterator[np.ndarray | bytes],
+                mpp: float | None, **kwargs) -> None:
+    """One tiled page: ``tiles`` in storage order, arrays, or bytes already encoded as this writes them."""
     resolution = {}
     if mpp:
         resolution = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    writer.write(_tile_iter(shape, tile, read_tile), shape=tuple(int(v) for v in shape), dtype=np.uint8,
+    writer.write(tiles, shape=tuple(int(v) for v in shape), dtype=np.uint8,
                  tile=(tile, tile), compression="zlib", photometric="minisblack", **resolution, **kwargs)
 
 
@@ -44,7 +46,16 @@ def write_tiled_tiff(path: str | os.PathLike, shape: Sequence[int], tile: int,
                      read_tile: Callable[[int, int], np.ndarray]) -> None:
     """A single-page tiled uint8 TIFF whose tiles come from ``read_tile(top, left)``, called in storage order."""
     with tifffile.TiffWriter(path, bigtiff=True) as writer:
-        _write_page(writer, shape, tile, read_tile, None)
+        _write_page(writer, shape, tile, _tile_iter(shape, tile, read_tile), None)
+
+
+def _encoded_tiles(handle: tifffile.TiffFile) -> Iterator[bytes]:
+    """The encoded tiles of a file's first page, as stored: a page written by ``write_tiled_tiff`` is copied into
+    another file without decoding and compressing each tile again."""
+    page = handle.pages[0]
+    for offset, count in zip(page.dataoffsets, page.databytecounts):
+        handle.filehandle.seek(offset)
+        yield handle.filehandle.read(count)
 
 
 def _halve(source: TiffLevel, tile: int) -> Callable[[int, int], np.ndarray]:
@@ -58,7 +69,8 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
     """Writes ``out``: the mask of the tiled TIFF ``level0`` followed by halvings (nearest) down to one tile.
 
     Each reduced level is first written to its own temporary file, built from the level above it by reading
-    2 x 2 tiles at a time; the final file is then assembled from those files and moved into place atomically.
+    2 x 2 tiles at a time; the final file is then assembled from those files' encoded tiles, copied as they are, and
+    moved into place atomically.
     Returns the shapes of the levels.
     """
     out = Path(out)
@@ -80,11 +92,10 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
         with atomic_path(out) as partial, tifffile.TiffWriter(partial, bigtiff=True) as writer:
             for index, (path, shape) in enumerate(zip(level_paths, shapes)):
                 with tifffile.TiffFile(path) as handle:
-                    level = TiffLevel(handle.pages[0], fill=0)
                     extra = {"description": json.dumps(description), "metadata": None} if index == 0 and description \
                         else {"metadata": None}
-                    _write_page(writer, shape, tile, lambda t, l: level.read(t, l, tile, tile)[..., 0],
-                                mpp * 2 ** index if mpp else None, subfiletype=1 if index else 0, **extra)
+                    _write_page(writer, shape, tile, _encoded_tiles(handle), mpp * 2 ** index if mpp else None,
+                                subfiletype=1 if index else 0, **extra)
     finally:
         for path in level_paths[1:]:
             path.unlink(missing_ok=True)
@@ -105,6 +116,8 @@ def _pixel_polygons(mask: np.ndarray, top: int, left: int):
     """
     import shapely
 
+    if not mask.any():  # a background tile: most of a slide, and the run search below costs 4 ms a 1024-pixel tile
+        return shapely.GeometryCollection()
     padded = np.zeros((mask.shape[0], mask.shape[1] + 2), np.int8)
     padded[:, 1:-1] = mask
     change = np.diff(padded, axis=1)

@@ -262,8 +262,12 @@ class SlideSegmenter:
         return summary
 
     def _normalized(self, region: np.ndarray) -> torch.Tensor:
+        """The region as the network's input: a plain float32 tensor. MONAI's transforms return a ``MetaTensor``,
+        whose metadata bookkeeping on every operation of the network cost 10 % of a slide's time at scale 1."""
         image = torch.from_numpy(region).permute(2, 0, 1).float()
-        return torch.as_tensor(self.normalize({"image": image})["image"], dtype=torch.float32)
+        normalized = self.normalize({"image": image})["image"]
+        normalized = normalized.as_tensor() if hasattr(normalized, "as_tensor") else normalized
+        return torch.as_tensor(normalized, dtype=torch.float32)
 
     @torch.no_grad()
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
