@@ -211,3 +211,37 @@ def test_inference_config_refuses_amp_on_a_cpu_without_bfloat16(monkeypatch):
     with pytest.raises(RuntimeError) as raised:  # MONAI's config reader wraps the error it met
         parser.get_parsed_content("inferer")
     assert isinstance(raised.value.__cause__, ConfigError) and "neither AVX512-BF16" in str(raised.value.__cause__)
+
+
+# ------------------------------------------------------------------------------------------ batch norms folded
+def test_folded_batch_norms_compute_the_same_network_and_leave_it_as_it_was():
+    """The folded view of a trained-looking network (batch norm statistics far from 0 / 1) gives the same logits
+    with no batch norm left after a convolution; the network keeps its modules, keys and weights, and shares every
+    weight that was not folded."""
+    from scripts.inference.fused import fold_batch_norms
+    from tests.helpers import tiny_network
+
+    network = tiny_network()
+    generator = torch.Generator().manual_seed(1)
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) >= 10
+    for norm in norms:  # statistics and affine terms as training leaves them
+        norm.running_mean.copy_(torch.randn(norm.num_features, generator=generator))
+        norm.running_var.copy_(torch.rand(norm.num_features, generator=generator) * 3 + 0.1)
+        norm.weight.data.copy_(torch.randn(norm.num_features, generator=generator))
+        norm.bias.data.copy_(torch.randn(norm.num_features, generator=generator))
+    keys = {k: v.clone() for k, v in network.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        expected = network(x)
+        folded = fold_batch_norms(network)
+        got = folded(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert network.state_dict().keys() == keys.keys()
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in keys.items())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules()) == len(norms)
+    assert folded.encoder is network.encoder  # untouched parts are shared, not copied
+    assert fold_batch_norms(network.encoder) is network.encoder  # nothing to fold: the module itself
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(network.train())

@@ -274,3 +274,25 @@ def test_the_network_gets_plain_tensors(tmp_path):
         assert isinstance(expected, MetaTensor)
         torch.testing.assert_close(normalized, expected.as_tensor(), rtol=0, atol=0)
     assert seen and set(seen) == {torch.Tensor}
+
+
+def test_slides_are_segmented_with_batch_norms_folded(tmp_path):
+    """The segmenter runs the folded view of a PyTorch network (no batch norm is called), on the shared grid and
+    tile by tile, and leaves the network's own modules in place."""
+    from tests.helpers import tiny_network
+
+    slide = write_synthetic_slide(tmp_path / "s.tif", 256, 256, tile=128, mpp=0.5, seed=3)
+    network = tiny_network()
+    calls = []
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_hook(lambda *args: calls.append(1))
+    for shared in (True, False):
+        inferer, _ = bundle_inferer(1.0, False, roi=(32, 32))
+        segmenter = SlideSegmenter(network, inferer, tmp_path / str(shared), num_classes=2, tile_size=128, halo=16,
+                                   tissue_detection=False, shared_windows=shared, progress=False)
+        assert segmenter.segment(str(slide))["tiles_segmented"] == 4
+    assert calls == []
+    with torch.no_grad():
+        network(torch.zeros(1, 3, 32, 32))
+    assert calls  # the network itself still has them

@@ -42,6 +42,7 @@ from scripts.data.transforms import IMAGENET_MEAN_255, IMAGENET_STD_255
 from scripts.config import as_bool
 from scripts.errors import ConfigError
 from scripts.files import atomic_path, write_text_atomically
+from scripts.inference.fused import fold_batch_norms
 from scripts.inference.precision import check_cpu_autocast
 from scripts.wsi.outputs import mask_to_geojson, tile_grid, write_mask_pyramid, write_tiled_tiff
 from scripts.wsi.slide import choose_level, open_slide, region_at_scale
@@ -101,7 +102,8 @@ class SlideSegmenter:
     """Segments whole-slide images tile by tile with the bundle's network and inferer.
 
     Args:
-        network: the segmentation network (PyTorch module or ``OnnxSegmenter``); put in eval mode here.
+        network: the segmentation network (PyTorch module or ``OnnxSegmenter``); put in eval mode here, and a
+            PyTorch one segments with its batch norms folded into its convolutions (``fold_batch_norms``).
         inferer: applied as ``inferer(tile, network)`` to each tile with its margin, e.g. the bundle's
             ``SlidingWindowInferer`` (Gaussian blending) or its ``FlipTTAInferer`` wrapper.
         output_dir: where ``<slide>_mask.tif``, ``<slide>.geojson``, ``<slide>_tissue.png`` and
@@ -195,7 +197,7 @@ class SlideSegmenter:
         if shared_windows and self.plan is None:
             logger.info("Tiles are segmented one by one with a margin of %d pixels: the inferer is not the bundle's "
                         "sliding window at a scale of 1/n, or a window is larger than a tile.", self.halo)
-        self._channels_last = False
+        self._model = network  # what segments: the network prepared for inference at the start of each slide
         self.skip_background_windows = as_bool(skip_background_windows, "wsi_skip_background_windows")
         self.read_ahead = self.device.type == "cuda" if read_ahead is None else bool(read_ahead)
 
@@ -273,21 +275,30 @@ class SlideSegmenter:
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
         image = self._normalized(region).to(self.device)[None]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self._autocast()):
-            logits = self.inferer(image, self.network)
+            logits = self.inferer(image, self._model)
         return labels_from_logits(logits[0].float().cpu())
+
+    def _prepare(self) -> None:
+        """The network as slides are segmented with it: in eval mode, each batch norm folded into the convolution
+        before it (``fold_batch_norms``: a view that shares the network's weights, made again for every slide so a
+        reloaded model is followed), and on the CPU in channels-last memory order. Both were measured faster
+        (docs/benchmarks.md) and compute the same function."""
+        self._model = self.network
+        if isinstance(self.network, torch.nn.Module):
+            self._model = fold_batch_norms(self.network.eval())
+            if self.device.type == "cpu":
+                self._model.to(memory_format=torch.channels_last)
+        elif hasattr(self.network, "eval"):
+            self.network.eval()
 
     @torch.no_grad()
     def _predict(self, windows: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of normalised windows, float32 on the CPU. A PyTorch network on the CPU runs in
-        channels-last memory order (measured faster there, see docs/benchmarks.md); its results are the same."""
+        """Logits of a batch of normalised windows, float32 on the CPU."""
         windows = windows.to(self.device)
-        if isinstance(self.network, torch.nn.Module) and self.device.type == "cpu":
-            if not self._channels_last:
-                self.network.to(memory_format=torch.channels_last)
-                self._channels_last = True
+        if isinstance(self._model, torch.nn.Module) and self.device.type == "cpu":
             windows = windows.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self._autocast()):
-            logits = self.network(windows)
+            logits = self._model(windows)
         return logits.float().cpu()
 
     def _autocast(self) -> bool:
@@ -403,8 +414,7 @@ class SlideSegmenter:
         if not self.geojson and stale.is_file():
             logger.info("Removing %s from an earlier run: 'wsi_geojson' is off now.", stale)
             stale.unlink()
-        if hasattr(self.network, "eval"):
-            self.network.eval()
+        self._prepare()
         start = time.perf_counter()
         level0 = self.output_dir / f".{Path(slide_path).stem}_mask.level0.tif"
         with open_slide(slide_path, self.backend) as slide:
