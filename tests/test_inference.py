@@ -186,8 +186,9 @@ def test_amp_on_the_cpu_needs_native_bfloat16(monkeypatch):
     assert precision.autocast_dtype(True, "bfloat16", "cpu", backend="onnx") is None
     with pytest.raises(ConfigError, match=r"'amp' on the CPU runs in bfloat16 only.*--amp_dtype bfloat16"):
         precision.autocast_dtype(True, "float16", "cpu")
-    with pytest.raises(ConfigError, match=r"'amp_dtype' 'half_precision' is not a torch floating-point dtype"):
-        precision.autocast_dtype(True, "half_precision", "cuda")
+    for wrong in ("half_precision", "float32"):
+        with pytest.raises(ConfigError, match=rf"'amp_dtype' is '{wrong}'; autocast runs in 'bfloat16' or 'float16'"):
+            precision.autocast_dtype(True, wrong, "cuda")
     monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: False)
     with pytest.raises(ConfigError, match=r"neither AVX512-BF16 nor AMX.*--amp false"):
         precision.autocast_dtype(True, "bfloat16", "cpu")
@@ -245,3 +246,36 @@ def test_folded_batch_norms_compute_the_same_network_and_leave_it_as_it_was():
     assert fold_batch_norms(network.encoder) is network.encoder  # nothing to fold: the module itself
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norms(network.train())
+
+
+def test_only_plain_convolution_batch_norm_pairs_are_folded():
+    """A batch norm subclass that does more (timm's BatchNormAct2d), a Sequential with its own forward, or a layer
+    between the two is left as it is; hooks put on the view do not reach the network."""
+    from timm.layers import BatchNormAct2d
+
+    from scripts.inference.fused import fold_batch_norms
+
+    class Reordered(torch.nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](x).flip(-1))
+
+    torch.manual_seed(0)
+    kept = [
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=torch.nn.ReLU)),
+        Reordered(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4)),
+    ]
+    for module in kept:
+        assert fold_batch_norms(module.eval()) is module
+    network = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+                                  torch.nn.ReLU()).eval()
+    view = fold_batch_norms(network)
+    assert view is not network and view[1] is network[1] and isinstance(view[0][1], torch.nn.Identity)
+    fired = []
+    view.register_forward_hook(lambda *args: fired.append("view"))
+    view[0].register_forward_hook(lambda *args: fired.append("view[0]"))
+    with torch.no_grad():
+        network(torch.zeros(1, 3, 8, 8))
+        assert fired == []
+        view(torch.zeros(1, 3, 8, 8))
+    assert fired == ["view[0]", "view"]

@@ -90,6 +90,14 @@ def test_onnx_backend_gives_the_same_masks(exported, demo_data, tmp_path):
         assert (mask == masks["onnx"][name]).mean() > 0.999
 
 
+def test_sessions_do_not_spin_between_runs(exported):
+    """ONNX Runtime's CPU threads sleep when a run ends, so the Python work between runs gets the cores."""
+    _, folder = exported
+    segmenter = OnnxSegmenter(folder / "model.onnx", num_classes=2, providers=["CPUExecutionProvider"])
+    options = segmenter.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_class_count_mismatch_is_refused(exported):
     _, folder = exported
     with pytest.raises(ConfigError, match="predicts 2 classes but the config has num_classes=3"):

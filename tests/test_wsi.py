@@ -344,3 +344,34 @@ def test_slides_take_the_normalisation_of_inference_json(slide, tmp_path):
     expected = DarkPixels()(x)[0].argmax(0).numpy()
     with tifffile.TiffFile(tmp_path / "s_mask.tif") as tif:
         np.testing.assert_array_equal(tif.pages[0].asarray(), expected)
+
+
+@pytest.mark.parametrize("layout", ["written", "other_tiles", "strips", "lzw"])
+def test_mask_pyramid_levels_are_halvings_of_the_mask(tmp_path, layout):
+    """Every level is the one above taken every other pixel, whether the level-0 file's tiles are copied as they
+    are (written by ``write_tiled_tiff``) or it is laid out otherwise and decoded."""
+    from scripts.wsi.outputs import write_mask_pyramid, write_tiled_tiff
+
+    generator = np.random.default_rng(0)
+    mask = (generator.random((300, 520)) < 0.3).astype(np.uint8) * 255
+    level0 = tmp_path / "level0.tif"
+    if layout == "written":
+        write_tiled_tiff(level0, mask.shape, 128, lambda top, left: np.pad(
+            mask[top:top + 128, left:left + 128], ((0, max(0, top + 128 - 300)), (0, max(0, left + 128 - 520)))))
+    elif layout == "other_tiles":
+        tifffile.imwrite(level0, mask, tile=(64, 64), compression="zlib")
+    elif layout == "strips":
+        tifffile.imwrite(level0, mask, compression="zlib", rowsperstrip=16)
+    else:
+        tifffile.imwrite(level0, mask, tile=(128, 128), compression="lzw")
+    out = tmp_path / "pyramid.tif"
+    shapes = write_mask_pyramid(level0, out, 128, mpp=0.5, description={"classes": ["background", "gland"]})
+    assert shapes == [(300, 520), (150, 260), (75, 130), (38, 65)]
+    with tifffile.TiffFile(out) as handle:
+        levels = [page.asarray() for page in handle.pages]
+        assert json.loads(handle.pages[0].description) == {"classes": ["background", "gland"]}
+        assert all(page.tilewidth == 128 and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+                   for page in handle.pages)
+    np.testing.assert_array_equal(levels[0], mask)
+    for above, below in zip(levels, levels[1:]):
+        np.testing.assert_array_equal(below, above[::2, ::2])

@@ -12,7 +12,7 @@ Prints, one JSON line each as it goes, then as a Markdown table:
 2. ``windows``: the network alone on batches of ``sw_batch_size`` windows of the inference window (``roi_size``):
    windows per second, GFLOP/s (``torch.utils.flop_counter`` count per window) and that rate's ratio to the
    matrix product, for PyTorch (default memory order and channels-last; ``pytorch-bf16``: channels-last under
-   bfloat16 autocast, on a CPU that computes it natively or on CUDA) and ONNX Runtime float32 and int8 (CPU).
+   bfloat16 autocast, on a CPU that computes it natively) and ONNX Runtime float32 and int8 (CPU).
 3. ``slide``: ``inference.json`` + ``inference_wsi.json`` (+ ``--recipe``) end to end on the generated demo slide
    (3072 x 4096, ten 1024 x 1024 tissue tiles; ``--slide`` names another), each run in a fresh ``monai.bundle run``
    process: seconds for

@@ -143,6 +143,18 @@ def _missing_data_files(path: str | os.PathLike) -> list[str]:
     return sorted(name for name in locations if not (Path(path).parent / name).is_file())
 
 
+def session_options():
+    """ONNX Runtime session options of the bundle's models: the CPU threads sleep when a run ends instead of
+    spinning. Between two runs the bundle blends windows, traces polygons and writes tiles in Python; spinning
+    threads took the cores from that work (on 2 cores the demo slide took 3.2 - 5.9 s in int8 with spinning,
+    3.0 - 3.5 s without; docs/benchmarks.md)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxSegmenter(nn.Module):
     """An exported model behind the ``nn.Module`` call the bundle's inferers and evaluators make.
 
@@ -163,7 +175,7 @@ class OnnxSegmenter(nn.Module):
                 "python -m scripts.cli export-onnx."
             )
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers or onnx_providers())
+            self.session = ort.InferenceSession(str(path), session_options(), providers=providers or onnx_providers())
         except Exception as err:  # ONNX Runtime raises its own Fail / InvalidProtobuf / InvalidGraph types
             missing = _missing_data_files(path)
             if missing:
@@ -180,7 +192,7 @@ class OnnxSegmenter(nn.Module):
 
         if (providers is None and self.session.get_providers()[0] != "CPUExecutionProvider"
                 and is_int8(self.session.get_modelmeta().custom_metadata_map)):  # int8 kernels are the CPU provider's
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
         shape = self.session.get_outputs()[0].shape
         channels = shape[1] if len(shape) == 4 else None
         if isinstance(channels, int) and channels != num_classes:

@@ -39,10 +39,9 @@ def autocast_dtype(amp: bool | str, amp_dtype: str, device: torch.device | str, 
 
     if not as_bool(amp, "amp") or backend != "pytorch":
         return None
-    dtype = getattr(torch, str(amp_dtype), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"'amp_dtype' {amp_dtype!r} is not a torch floating-point dtype; use 'bfloat16' or "
-                          "'float16'.")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(amp_dtype))
+    if dtype is None:
+        raise ConfigError(f"'amp_dtype' is {amp_dtype!r}; autocast runs in 'bfloat16' or 'float16'.")
     if torch.device(device).type == "cpu":
         check_cpu_autocast(dtype)
     return dtype

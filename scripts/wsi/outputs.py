@@ -49,10 +49,19 @@ def write_tiled_tiff(path: str | os.PathLike, shape: Sequence[int], tile: int,
         _write_page(writer, shape, tile, _tile_iter(shape, tile, read_tile), None)
 
 
-def _encoded_tiles(handle: tifffile.TiffFile) -> Iterator[bytes]:
-    """The encoded tiles of a file's first page, as stored: a page written by ``write_tiled_tiff`` is copied into
-    another file without decoding and compressing each tile again."""
+def _page_tiles(handle: tifffile.TiffFile, tile: int) -> Iterator[np.ndarray | bytes]:
+    """The tiles of a file's first page for ``_write_page``: encoded, as stored, when the page is encoded as
+    ``_write_page`` encodes (``write_tiled_tiff``'s files), so they are copied without being decoded and compressed
+    again; otherwise decoded, one tile at a time."""
     page = handle.pages[0]
+    as_written = (page.is_tiled and page.tilewidth == tile and page.tilelength == tile and page.tiledepth == 1
+                  and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE and page.predictor == 1
+                  and page.dtype == np.uint8 and page.samplesperpixel == 1 and page.planarconfig == 1
+                  and len(page.dataoffsets) == math.ceil(page.imagelength / tile) * math.ceil(page.imagewidth / tile))
+    if not as_written:
+        level = TiffLevel(page, fill=0)
+        yield from _tile_iter(level.shape, tile, lambda top, left: level.read(top, left, tile, tile)[..., 0])
+        return
     for offset, count in zip(page.dataoffsets, page.databytecounts):
         handle.filehandle.seek(offset)
         yield handle.filehandle.read(count)
@@ -94,7 +103,7 @@ def write_mask_pyramid(level0: str | os.PathLike, out: str | os.PathLike, tile: 
                 with tifffile.TiffFile(path) as handle:
                     extra = {"description": json.dumps(description), "metadata": None} if index == 0 and description \
                         else {"metadata": None}
-                    _write_page(writer, shape, tile, _encoded_tiles(handle), mpp * 2 ** index if mpp else None,
+                    _write_page(writer, shape, tile, _page_tiles(handle, tile), mpp * 2 ** index if mpp else None,
                                 subfiletype=1 if index else 0, **extra)
     finally:
         for path in level_paths[1:]:

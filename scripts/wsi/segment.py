@@ -256,7 +256,11 @@ class SlideSegmenter:
         if self.overwrite or not all(p.is_file() for p in outputs.values()):
             return None
         summary = json.loads(outputs["summary"].read_text())
-        if summary.get("settings") != self.settings():
+        settings = summary.get("settings")
+        if isinstance(settings, dict):
+            # summaries from before the key was recorded count as float32 (slides done with CUDA's amp are redone)
+            settings = {"autocast": None, **settings}
+        if settings != self.settings():
             logger.info("Outputs of %s exist but were made with other settings; redoing it.", slide_path)
             return None
         logger.info("Outputs of %s exist in %s; skipped (set 'wsi_overwrite' true to redo it, e.g. after changing "
@@ -265,7 +269,8 @@ class SlideSegmenter:
 
     def _normalized(self, region: np.ndarray) -> torch.Tensor:
         """The region as the network's input: a plain float32 tensor. MONAI's transforms return a ``MetaTensor``,
-        whose metadata bookkeeping on every operation of the network cost 10 % of a slide's time at scale 1."""
+        whose metadata bookkeeping on every operation of the network cost about 18 % of a slide's time at scale 1
+        (docs/benchmarks.md)."""
         image = torch.from_numpy(region).permute(2, 0, 1).float()
         normalized = self.normalize({"image": image})["image"]
         normalized = normalized.as_tensor() if hasattr(normalized, "as_tensor") else normalized
