@@ -279,3 +279,26 @@ def test_only_plain_convolution_batch_norm_pairs_are_folded():
         assert fired == []
         view(torch.zeros(1, 3, 8, 8))
     assert fired == ["view[0]", "view"]
+
+
+def test_pipeline_segments_with_folded_batch_norms(tmp_path):
+    """MONAI Label and the Deploy app segment through InferencePipeline: its network is the folded view of the
+    trained weights, and its probabilities are the unfolded network's."""
+    from scripts.inference import InferencePipeline
+    from scripts.inference.scale import rescale_image
+    from tests.helpers import save_tiny_model, tiny_network
+
+    network = tiny_network()
+    for module in network.modules():  # statistics as training leaves them, so folding changes the weights
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    path = save_tiny_model(tmp_path / "model.pt", network=network)
+    pipeline = InferencePipeline(path, device="cpu", overrides={"sw_overlap": 0.0})
+    parts = pipeline.parts()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in parts["network"].modules())
+    image = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        got = parts["inferers"][False](image, parts["network"])
+        expected = network.eval()(rescale_image(image, 1.0))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

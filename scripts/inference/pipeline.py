@@ -143,10 +143,13 @@ class InferencePipeline:
             parser[key] = value
         network = parser.get_parsed_content("network")
         if self.backend == "pytorch":
+            from scripts.inference.fused import fold_batch_norms
             from scripts.networks import load_trained_weights
 
             load_trained_weights(network, self.model_path)
-            network.eval()
+            # each batch norm folded into the convolution before it: the same function, fewer passes (fused.py);
+            # the network is built again whenever the model file changes, so the view never outlives its weights
+            network = fold_batch_norms(network.eval())
         inferers = {}
         for tta in (False, True):
             parser["tta"] = tta
