@@ -57,4 +57,3 @@ def _folded(module: nn.Module) -> nn.Module:
             setattr(clone, name, copy.copy(value))
     clone._modules.update(changed)
     return clone
-

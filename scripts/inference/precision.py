@@ -11,7 +11,7 @@ import torch
 
 from scripts.errors import ConfigError
 
-__all__ = ["cpu_computes_bfloat16", "check_cpu_autocast", "autocast_dtype"]
+__all__ = ["cpu_computes_bfloat16", "autocast_dtype"]
 
 
 def cpu_computes_bfloat16() -> bool:
@@ -20,21 +20,11 @@ def cpu_computes_bfloat16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-def check_cpu_autocast(dtype: torch.dtype) -> None:
-    """Raises ``ConfigError`` unless autocast in ``dtype`` on this CPU is bfloat16 computed natively."""
-    if dtype != torch.bfloat16:
-        raise ConfigError(f"'amp' on the CPU runs in bfloat16 only; 'amp_dtype' is {str(dtype).split('.')[-1]}. "
-                          "Set --amp_dtype bfloat16, or --amp false.")
-    if not cpu_computes_bfloat16():
-        raise ConfigError("'amp' is true, but this CPU has neither AVX512-BF16 nor AMX: bfloat16 would be emulated "
-                          "and slower than float32. Set --amp false (the default on a machine without CUDA).")
-
-
 def autocast_dtype(amp: bool | str, amp_dtype: str, device: torch.device | str, backend: str = "pytorch"
                    ) -> torch.dtype | None:
     """The dtype a PyTorch network runs in under inference's ``amp`` on ``device``, or None for float32 (``amp``
     off, or the ONNX backend, whose precision is the exported model's). On the CPU, bfloat16 only, and only where the
-    CPU computes it natively (``check_cpu_autocast``)."""
+    CPU computes it natively; elsewhere ``ConfigError``."""
     from scripts.config import as_bool
 
     if not as_bool(amp, "amp") or backend != "pytorch":
@@ -43,5 +33,11 @@ def autocast_dtype(amp: bool | str, amp_dtype: str, device: torch.device | str, 
     if dtype is None:
         raise ConfigError(f"'amp_dtype' is {amp_dtype!r}; autocast runs in 'bfloat16' or 'float16'.")
     if torch.device(device).type == "cpu":
-        check_cpu_autocast(dtype)
+        if dtype != torch.bfloat16:
+            raise ConfigError(f"'amp' on the CPU runs in bfloat16 only; 'amp_dtype' is {amp_dtype}. "
+                              "Set --amp_dtype bfloat16, or --amp false.")
+        if not cpu_computes_bfloat16():
+            raise ConfigError("'amp' is true, but this CPU has neither AVX512-BF16 nor AMX: bfloat16 would be "
+                              "emulated and slower than float32. Set --amp false (the default on a machine without "
+                              "CUDA).")
     return dtype

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,7 +44,7 @@ from scripts.config import as_bool
 from scripts.errors import ConfigError
 from scripts.files import atomic_path, write_text_atomically
 from scripts.inference.fused import fold_batch_norms
-from scripts.inference.precision import check_cpu_autocast
+from scripts.inference.precision import autocast_dtype
 from scripts.wsi.outputs import mask_to_geojson, tile_grid, write_mask_pyramid, write_tiled_tiff
 from scripts.wsi.slide import choose_level, open_slide, region_at_scale
 from scripts.wsi.tissue import build_thumbnail, tissue_mask
@@ -178,9 +179,10 @@ class SlideSegmenter:
         self.num_classes, self.class_names = num_classes, list(class_names)
         self.level, self.mpp = level, mpp
         self.tile_size, self.halo = int(tile_size), int(halo)
-        self.device, self.amp, self.amp_dtype = torch.device(device), as_bool(amp, "amp"), getattr(torch, amp_dtype)
-        if self.amp and self.device.type == "cpu" and isinstance(network, torch.nn.Module):
-            check_cpu_autocast(self.amp_dtype)
+        self.device = torch.device(device)
+        # the dtype a PyTorch network runs in (None: float32); refused on a CPU without native bfloat16
+        self.autocast = autocast_dtype(amp, amp_dtype, self.device) \
+            if isinstance(network, torch.nn.Module) and self.device.type in ("cuda", "cpu") else None
         self.mask_scale = mask_scale
         tissue_detection, geojson = as_bool(tissue_detection, "tissue_detection"), as_bool(geojson, "wsi_geojson")
         overwrite = as_bool(overwrite, "wsi_overwrite")
@@ -234,7 +236,7 @@ class SlideSegmenter:
                 "min_tissue_fraction": self.min_tissue_fraction, "geojson": self.geojson, "simplify": self.simplify,
                 "min_object_area": self.min_object_area, "image_scale": getattr(self.inferer, "scale", 1.0),
                 "window_grid": "slide" if self.plan is not None else "tile",
-                "autocast": str(self.amp_dtype).removeprefix("torch.") if self._autocast() else None,
+                "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
                 "skip_background_windows": self._skips_windows()}
 
     def _skips_windows(self) -> bool:
@@ -279,7 +281,7 @@ class SlideSegmenter:
     @torch.no_grad()
     def _segment_tile(self, region: np.ndarray) -> np.ndarray:
         image = self._normalized(region).to(self.device)[None]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self._autocast()):
+        with torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext():
             logits = self.inferer(image, self._model)
         return labels_from_logits(logits[0].float().cpu())
 
@@ -302,12 +304,9 @@ class SlideSegmenter:
         windows = windows.to(self.device)
         if isinstance(self._model, torch.nn.Module) and self.device.type == "cpu":
             windows = windows.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self._autocast()):
+        with torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext():
             logits = self._model(windows)
         return logits.float().cpu()
-
-    def _autocast(self) -> bool:
-        return self.amp and isinstance(self.network, torch.nn.Module) and self.device.type in ("cuda", "cpu")
 
     def _tissue(self, slide, level: int, factor: float, grid: tuple[int, int], png: Path):
         """The tissue mask of the processing grid at 1/``tissue_downsample`` (None without detection), its cut."""
